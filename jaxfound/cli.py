@@ -1,0 +1,97 @@
+"""`jaxfound <verb>`: a thin layer; every verb calls a library function a user could import.
+
+Errors the user can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from jaxfound.errors import JaxfoundError
+
+VERBS = {}
+
+
+def verb(name, help_text):
+    def register(fn):
+        VERBS[name] = (fn, help_text)
+        return fn
+    return register
+
+
+def _config_args(p: argparse.ArgumentParser, default_help: str = "configs/bert_tiny_mlm.yaml") -> None:
+    p.add_argument("--config", "-c", default=None, help=f"YAML recipe (default: {default_help})")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=40")
+
+
+def _print_summary(summary: dict, keys) -> None:
+    width = max(len(k) for k in keys)
+    print("-" * (width + 30))
+    for k in keys:
+        v = summary.get(k)
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 30))
+
+
+@verb("pretrain", "pretrain a BERT (masked LM) or GPT (causal LM); resumes if run.dir has checkpoints")
+def _pretrain(p):
+    _config_args(p)
+
+    def run(args):
+        from jaxfound.config import load_config
+        from jaxfound.pretrain import pretrain
+
+        cfg = load_config(args.config, args.overrides)
+        summary = pretrain(cfg)
+        summary.pop("state", None)
+        first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
+        table = {
+            "run dir": summary["run_dir"], "steps": summary["steps"], "seconds": summary["seconds"],
+            "final train loss": summary["final_loss"], "first eval_loss": first.get("eval_loss"),
+            "last eval_loss": last.get("eval_loss"), "last eval_accuracy": last.get("eval_accuracy"),
+            "preempted (resumable)": summary["preempted"], "non-finite steps skipped": summary["nonfinite_steps"],
+        }
+        _print_summary(table, list(table))
+        return 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxfound", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="verb")
+    runners = {}
+    for name, (factory, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        runners[name] = factory(p)
+    parser.set_defaults(_runners=runners)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    try:
+        return args._runners[args.verb](args) or 0
+    except JaxfoundError as e:
+        print(f"jaxfound {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Typed, frozen configuration: YAML recipes in configs/ plus dotted ``key=value`` overrides.
+
+Every mistake (unknown key, bad value, bad YAML) raises JaxfoundError naming the key, the file
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxfound.errors import JaxfoundError
+
+
+def _choice(default, *allowed, doc=""):
+    return field(default=default, metadata={"choices": allowed, "doc": doc})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # where checkpoints, metrics.jsonl, summary.json and plots go
+    registry: str | None = None  # knowledge-graph registry directory; every run registers itself there
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _choice("bert", "bert", "gpt")
+    vocab_size: int = 0  # 0: take the tokenizer's size (rounded up to a multiple of 128)
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position: int = 512
+    type_vocab_size: int = 2  # BERT token types
+    dropout: float = 0.1  # hidden dropout (attention-probability dropout is not applied)
+    layer_norm_eps: float = 1e-12
+    activation: str = _choice("gelu", "gelu", "gelu_new", "relu")
+    dtype: str = _choice("float32", "float32", "bfloat16")  # compute dtype
+    param_dtype: str = _choice("float32", "float32", "bfloat16")
+    remat: bool = False  # rematerialise each block in the backward pass
+    num_labels: int = 0  # classification heads: set by the fine-tuning task
+    quant: str = _choice("none", "none", "w8", "w8a8")  # int8 Dense kernels (see jaxfound.quant)
+    init: str | None = None  # fine-tuning: HF directory or jaxfound run dir to start from
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None  # corpus: file, directory, glob or hub name; None = built-in synthetic
+    format: str = _choice("auto", "auto", "text", "jsonl", "parquet", "hub")
+    text_field: str = "text"
+    tokenizer: str | None = None  # local HF tokenizer dir; None = train one on the corpus
+    tokenizer_vocab: int = 2048  # vocabulary size of a tokenizer trained on the corpus
+    seq_len: int = 128
+    mask_prob: float = 0.15
+    valid_fraction: float = 0.02  # documents held out for eval
+    synthetic_docs: int = 20000
+    # fine-tuning files (CoNLL for ner, CSV / JSON lines for cls)
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    token_column: int = 0
+    tag_column: int = -1
+    text_column: str = "text"
+    label_column: str = "label"
+    length_bucketing: bool = True  # group sentences of similar length into a batch (fine-tuning)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = _choice("mlm", "mlm", "clm", "ner", "cls")
+    steps: int = 300  # pretraining steps (fine-tuning uses epochs)
+    schedule_steps: int = 0  # length of the lr schedule; 0 = train.steps (set it to stop early and resume later)
+    epochs: int = 3
+    batch_size: int = 32  # global batch (sentences for fine-tuning)
+    grad_accum: int = 1  # micro-batches per update
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    warmup_ratio: float = 0.0  # fine-tuning: warm-up as a fraction of all steps (overrides warmup_steps)
+    schedule: str = _choice("linear", "linear", "cosine", "constant")
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    clip_norm: float = 1.0  # 0 disables clipping
+    nonfinite: str = _choice("skip", "skip", "stop")  # what a NaN/inf loss or gradient does
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left over
+    fsdp: int = 1
+    tensor: int = 1
+    coordinator: str | None = None  # multi-process: host:port of process 0 (else from environment)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (0: only at the end)
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_RECIPE = "bert_tiny_mlm.yaml"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check (and gently convert) one value against its annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(hint, "__name__", str(hint))
+    raise JaxfoundError(f"{source}: key '{key}' must be {name}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in allowed:
+            raise JaxfoundError(f"{source}: unknown key '{prefix}{k}' (allowed under '{prefix[:-1]}': {', '.join(allowed)})")
+        f = next(f for f in dataclasses.fields(cls) if f.name == k)
+        v = _coerce(v, hints[k], prefix + k, source)
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise JaxfoundError(f"{source}: key '{prefix}{k}' is {v!r}; allowed: {', '.join(map(str, choices))}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict, source: str = "<config>") -> Config:
+    """Build a validated Config from a nested dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise JaxfoundError(f"{source}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTION_TYPES:
+            raise JaxfoundError(f"{source}: unknown section '{name}' (allowed: {', '.join(_SECTION_TYPES)})")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise JaxfoundError(f"{source}: section '{name}' must be a mapping of keys, got {values!r}")
+        sections[name] = _build(_SECTION_TYPES[name], values, name + ".", source)
+    return Config(**sections)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.steps=40`` -> (['train', 'steps'], 40); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise JaxfoundError(f"override '{text}': expected section.key=value, e.g. train.steps=40")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise JaxfoundError(f"override '{text}': key must be section.key (sections: {', '.join(_SECTION_TYPES)})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        raise JaxfoundError(f"override '{text}': value must be a scalar")
+    return parts, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        recipes = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        raise JaxfoundError(f"config file {path} not found (recipes in configs/: {recipes})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise JaxfoundError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise JaxfoundError(f"{path}: not UTF-8 text") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (default: configs/bert_tiny_mlm.yaml) and apply dotted overrides."""
+    path = Path(path) if path else CONFIG_DIR / DEFAULT_RECIPE
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise JaxfoundError(f"{path}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in _SECTION_TYPES:
+            raise JaxfoundError(f"override '{text}': unknown section '{section}' (allowed: {', '.join(_SECTION_TYPES)})")
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][key] = value
+    return from_dict(raw, source=f"{path}" + (" + overrides" if overrides else ""))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """``replace(cfg, train={'steps': 40})``: a new Config with some keys changed."""
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    )

@@ -1,0 +1,103 @@
+"""BERT as in the original: post-LayerNorm encoder, learned positions, token types, GELU.
+
+Params: ``bert`` (the shared trunk) plus one head: ``mlm`` (transform + tied decoder + bias),
+``classifier`` (token classification) or ``pooler`` + ``classifier`` (sequence classification).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxfound.models.layers import (
+    ACTIVATIONS,
+    DTYPES,
+    MLP,
+    Embed,
+    SelfAttention,
+    attention_mask,
+    constrain,
+    dense,
+    layer_norm,
+)
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+class BertLayer(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_BxLxD, mask, deterministic: bool):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout)
+        a_BxLxD = SelfAttention(cfg, name="attention")(h_BxLxD, mask)
+        h_BxLxD = layer_norm(cfg, "attention_ln")(h_BxLxD + drop(a_BxLxD, deterministic=deterministic))
+        m_BxLxD = MLP(cfg, name="mlp")(h_BxLxD)
+        h_BxLxD = layer_norm(cfg, "mlp_ln")(h_BxLxD + drop(m_BxLxD, deterministic=deterministic))
+        return constrain(h_BxLxD, ACT)
+
+
+class BertEncoder(nn.Module):
+    """Embeddings + encoder layers -> last hidden state (B, L, D)."""
+
+    cfg: object
+
+    @nn.compact
+    def __call__(self, ids_BxL, attention_mask_BxL=None, token_type_ids_BxL=None, segment_ids_BxL=None,
+                 deterministic: bool = True):
+        cfg = self.cfg
+        L = ids_BxL.shape[1]
+        if token_type_ids_BxL is None:
+            token_type_ids_BxL = jnp.zeros_like(ids_BxL)
+        h_BxLxD = (
+            Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="word")(ids_BxL)
+            + Embed(cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position")(
+                jnp.arange(L)[None])
+            + Embed(cfg.type_vocab_size, cfg.hidden_size, ("types", "embed"), cfg.dtype, cfg.param_dtype,
+                    name="token_type")(token_type_ids_BxL)
+        )
+        h_BxLxD = layer_norm(cfg, "embed_ln")(h_BxLxD)
+        h_BxLxD = constrain(nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
+        mask = attention_mask(attention_mask_BxL, segment_ids_BxL)
+        block = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+        for i in range(cfg.num_layers):
+            h_BxLxD = block(cfg, name=f"layer_{i}")(h_BxLxD, mask, deterministic)
+        return h_BxLxD
+
+
+class Bert(nn.Module):
+    """BERT with a head: 'none' (hidden states), 'mlm', 'token_cls' or 'seq_cls' (logits)."""
+
+    cfg: object
+    head: str = "mlm"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
+                 masked_positions=None, deterministic: bool = True):
+        """masked_positions (B, P): MLM logits only at those positions (B, P, V), else at all (B, L, V)."""
+        cfg = self.cfg
+        encoder = BertEncoder(cfg, name="bert")
+        h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic)
+        if self.head == "none":
+            return h_BxLxD
+        if self.head == "mlm":
+            if masked_positions is not None:
+                h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[..., None], axis=1)
+            x = ACTIVATIONS[cfg.activation](dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(h_BxLxD))
+            x = layer_norm(cfg, "transform_ln")(x)
+            word = nn.unbox(encoder.variables["params"]["word"]["embedding"])
+            dtype = DTYPES[cfg.dtype]
+            logits = jnp.dot(x.astype(dtype), word.astype(dtype).T, preferred_element_type=jnp.float32)
+            bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                              (cfg.vocab_size,), DTYPES[cfg.param_dtype])
+            return constrain(logits + bias, ("act_batch", "act_len", "act_vocab"))
+        drop = nn.Dropout(cfg.dropout)
+        if self.head == "token_cls":
+            h_BxLxD = drop(h_BxLxD, deterministic=deterministic)
+            return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
+        if self.head == "seq_cls":
+            pooled_BxD = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(h_BxLxD[:, 0]))
+            pooled_BxD = drop(pooled_BxD, deterministic=deterministic)
+            return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(pooled_BxD).astype(jnp.float32)
+        raise ValueError(f"unknown BERT head {self.head!r}")

@@ -1,0 +1,125 @@
+"""Building blocks shared by BERT and GPT: Dense, embeddings, attention, MLP, with logical axis names."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxfound.quant.int8 import quantized_dot
+from jaxfound.sharding import constrain  # noqa: F401  (re-exported for bert.py / gpt.py)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+init_normal = nn.initializers.normal(0.02)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias; kernel (in, out) with logical axes; int8 kernel + scale per layer when quantized.
+
+    A layer is quantized when its params hold a 'scale' (so ``quantize`` may leave some layers float);
+    at init that is when quant != 'none'. An int8 layer applied with quant 'none' runs weight-only (w8).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    quant: str = "none"
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1], self.features)
+        dtype = DTYPES[self.dtype]
+        part = nn.with_logical_partitioning
+        quantized = self.quant != "none" if self.is_initializing() else self.has_variable("params", "scale")
+        if not quantized:
+            kernel = self.param("kernel", part(init_normal, self.axes), shape, DTYPES[self.param_dtype])
+            y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        else:
+            qkernel = self.param("kernel", part(nn.initializers.zeros, self.axes), shape, jnp.int8)
+            scale = self.param("scale", part(nn.initializers.ones, self.axes[1:]), (self.features,), jnp.float32)
+            mode = "w8" if self.quant == "none" else self.quant
+            y = quantized_dot(x, qkernel, scale, mode, dtype).astype(dtype)
+        if self.use_bias:
+            bias_init = part(nn.initializers.zeros, self.axes[1:])
+            bias = self.param("bias", bias_init, (self.features,), DTYPES[self.param_dtype])
+            y = y + bias.astype(dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A lookup table (num, features) with logical axes; ``attend`` gives tied output logits."""
+
+    num: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(init_normal, self.axes), (self.num, self.features), DTYPES[self.param_dtype]
+        )
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding, ids, axis=0).astype(DTYPES[self.dtype])
+
+
+def layer_norm(cfg, name):
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+def dense(cfg, features, axes, name, use_bias=True):
+    return Dense(features, axes, cfg.dtype, cfg.param_dtype, cfg.quant, use_bias, name=name)
+
+
+def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
+    """Boolean (B, 1, L, L) mask, or None: padding keys are masked; packed documents don't see each other."""
+    if segment_ids_BxL is not None:
+        seg = segment_ids_BxL
+        return ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
+    if attention_mask_BxL is not None:
+        return attention_mask_BxL.astype(bool)[:, None, None, :]
+    return None
+
+
+class SelfAttention(nn.Module):
+    cfg: object
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, h_BxLxD, mask):
+        cfg = self.cfg
+        B, L, D = h_BxLxD.shape
+        N = cfg.num_heads
+        def heads(name):
+            x = dense(cfg, D, ("embed", "heads"), name)(h_BxLxD).reshape(B, L, N, D // N)
+            return constrain(x, ("act_batch", "act_len", "act_heads", None))
+        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = heads("query"), heads("key"), heads("value")
+        out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=self.causal)
+        out_BxLxD = out_BxLxNxH.reshape(B, L, D)
+        return dense(cfg, D, ("heads", "embed"), "out")(out_BxLxD)
+
+
+class MLP(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_BxLxD):
+        cfg = self.cfg
+        x_BxLxF = ACTIVATIONS[cfg.activation](dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up")(h_BxLxD))
+        x_BxLxF = constrain(x_BxLxF, ("act_batch", "act_len", "act_mlp"))
+        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down")(x_BxLxF)

@@ -1,0 +1,61 @@
+"""`jaxfound pretrain`: masked-LM (BERT) or causal-LM (GPT) pretraining on a corpus or the built-in one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxfound.data.pipeline import batch_iterator, local_batch
+from jaxfound.data.pretrain import prepare_pretraining
+from jaxfound.models import build_model
+from jaxfound.sharding import global_batch, make_mesh
+from jaxfound.tasks import get_task
+from jaxfound.train.loop import Job, fit
+from jaxfound.train.state import state_shardings
+from jaxfound.train.step import make_eval_step
+
+
+def make_pretrain_evaluate(model, task, mesh, param_shardings, valid, batch_size: int, num_batches: int):
+    """Held-out loss, accuracy and perplexity over fixed eval batches (the same masks every time)."""
+    eval_step = make_eval_step(model, task.loss, mesh, param_shardings)
+    rows = valid.num_rows
+    num_batches = max(1, min(num_batches, -(-rows // batch_size)))
+    batches = [local_batch(valid, i, batch_size, jax.process_index(), jax.process_count()) for i in range(num_batches)]
+
+    def evaluate(params, step):
+        totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+        for b in batches:
+            sums = jax.device_get(eval_step(params, global_batch(b, mesh)))
+            totals = {k: totals[k] + float(sums[k]) for k in totals}
+        loss = totals["loss_sum"] / max(totals["count"], 1.0)
+        return {"eval_loss": loss, "eval_accuracy": totals["correct"] / max(totals["count"], 1.0),
+                "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+
+    return evaluate
+
+
+def pretrain(cfg) -> dict:
+    """Read the corpus, build the model and train it with fit(); returns the run summary."""
+    task = get_task(cfg.train.task, cfg.model.arch)
+    data = prepare_pretraining(cfg, cfg.run.dir)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model = build_model(model_cfg, task.head)
+    mesh = make_mesh(cfg.mesh)
+    from jaxfound.train.optim import make_optimizer
+
+    param_sh = state_shardings(model, make_optimizer(cfg.train, max(cfg.train.steps, 1)), mesh, cfg.data.seq_len).params
+    evaluate = make_pretrain_evaluate(model, task, mesh, param_sh, data.valid, cfg.train.batch_size,
+                                      cfg.train.eval_batches)
+    job = Job(
+        model=model, task=task, total_steps=cfg.train.steps, evaluate=evaluate, seq_len=cfg.data.seq_len,
+        make_iterator=lambda: batch_iterator(data.train, cfg.train.batch_size, jax.process_index(),
+                                             jax.process_count()),
+        extra={"task": task.name, "arch": model_cfg.arch, "vocab_size": data.vocab_size, "documents": data.num_docs,
+               "corpus_tokens": data.num_tokens, "tokenizer": str(Path(cfg.run.dir) / "tokenizer")
+               if not cfg.data.tokenizer else cfg.data.tokenizer},
+    )
+    return fit(cfg, job)

@@ -1,0 +1,23 @@
+"""int8 quantization: per-channel symmetric weights, weight-only (w8) and dynamic W8A8; checkpoints; size report."""
+
+from jaxfound.quant.checkpoint import load_quantized, save_quantized
+from jaxfound.quant.int8 import (
+    DEFAULT_RULES,
+    MODES,
+    Rule,
+    dequantize,
+    dequantize_kernel,
+    int8_matmul,
+    quantize,
+    quantize_activations,
+    quantize_kernel,
+    quantize_plan,
+    quantized_dot,
+)
+from jaxfound.quant.report import size_report
+
+__all__ = [
+    "DEFAULT_RULES", "MODES", "Rule", "dequantize", "dequantize_kernel", "int8_matmul", "load_quantized",
+    "quantize", "quantize_activations", "quantize_kernel", "quantize_plan", "quantized_dot", "save_quantized",
+    "size_report",
+]

@@ -1,0 +1,98 @@
+"""Quantized checkpoints: int8 kernels + float32 scales in safetensors (never inflated, never pickled) + JSON.
+
+A checkpoint is a directory: ``params.safetensors`` (keys are '/'-joined param paths) and ``quant.json``
+(the caller's metadata: mode, model config, rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jaxfound.errors import JaxfoundError
+from jaxfound.quant.int8 import MODES
+
+PARAMS_FILE = "params.safetensors"
+META_FILE = "quant.json"
+FORMAT = "jaxfound-int8/1"
+
+
+def flatten(tree, prefix="") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        if "/" in str(key):
+            raise JaxfoundError(f"params: key {prefix}/{key} contains '/', which separates path parts on disk")
+        path = f"{prefix}/{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) else {path: np.asarray(value)})
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _to_json(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def save_quantized(path, qparams, metadata: dict) -> Path:
+    """Write ``qparams`` as stored (int8 stays int8) and ``metadata`` (needs 'mode': w8 | w8a8) under ``path``."""
+    if metadata.get("mode") not in MODES:
+        mode = metadata.get("mode")
+        raise JaxfoundError(f"save_quantized: metadata['mode'] is {mode!r}; allowed: {', '.join(MODES)}")
+    try:
+        meta_text = json.dumps({"format": FORMAT, **metadata}, default=_to_json, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise JaxfoundError(f"save_quantized: metadata must be JSON-serializable ({e})") from None
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.ascontiguousarray(v) for k, v in flatten(qparams).items()}
+    # write-then-rename: a crash never leaves a half-written checkpoint under the final names
+    save_file(flat, str(path / (PARAMS_FILE + ".tmp")))
+    (path / (META_FILE + ".tmp")).write_text(meta_text, encoding="utf-8")
+    os.replace(path / (PARAMS_FILE + ".tmp"), path / PARAMS_FILE)
+    os.replace(path / (META_FILE + ".tmp"), path / META_FILE)
+    return path
+
+
+def load_quantized(path) -> tuple[dict, dict]:
+    """(qparams as numpy arrays, metadata) from a directory written by ``save_quantized``."""
+    path = Path(path)
+    params_file, meta_file = path / PARAMS_FILE, path / META_FILE
+    for f in (params_file, meta_file):
+        if not f.is_file():
+            raise JaxfoundError(f"quantized checkpoint: {f} not found (expected {PARAMS_FILE} and {META_FILE} "
+                                f"written by jaxfound.quant.save_quantized)")
+    try:
+        metadata = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JaxfoundError(f"quantized checkpoint: {meta_file} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise JaxfoundError(f"quantized checkpoint: {meta_file} lacks format {FORMAT!r} (not from save_quantized)")
+    try:
+        flat = load_file(str(params_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise JaxfoundError(f"quantized checkpoint: {params_file} is corrupt or not safetensors ({e})") from None
+    for key in (k for k in flat if k.endswith("/scale")):
+        kernel = flat.get(key[: -len("scale")] + "kernel")
+        if kernel is None or kernel.dtype != np.int8 or kernel.ndim != 2 or kernel.shape[1:] != flat[key].shape:
+            raise JaxfoundError(f"quantized checkpoint: {params_file}: {key} has no matching int8 (in, out) kernel")
+    metadata.pop("format")
+    return unflatten(flat), metadata

@@ -1,0 +1,30 @@
+"""How much smaller the quantized params are, overall and for the tensors that were quantized."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxfound.quant.checkpoint import flatten
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+def size_report(params, qparams) -> dict:
+    """Bytes before / after for the whole tree and for the quantized Dense layers (kernel -> int8 kernel + scale)."""
+    before, after = flatten(params), flatten(qparams)
+    quantized = [p[: -len("/scale")] for p in after if p.endswith("/scale") and p not in before]
+    q_before = sum(_nbytes(before[f"{p}/kernel"]) for p in quantized)
+    q_after = sum(_nbytes(after[f"{p}/kernel"]) + _nbytes(after[f"{p}/scale"]) for p in quantized)
+    total_before = sum(_nbytes(v) for v in before.values())
+    total_after = sum(_nbytes(v) for v in after.values())
+    return {
+        "bytes_before": total_before,
+        "bytes_after": total_after,
+        "ratio": total_before / max(total_after, 1),
+        "quantized_layers": len(quantized),
+        "quantized_bytes_before": q_before,
+        "quantized_bytes_after": q_after,
+        "quantized_ratio": q_before / max(q_after, 1),
+    }

@@ -1,0 +1,73 @@
+"""TrainState and an init that is born sharded: no full copy of the params on one host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxfound.sharding import logical_shardings
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite_steps: jax.Array  # updates skipped because the loss or a gradient was NaN/inf
+
+
+def _path_keys(path) -> tuple:
+    """The trailing dict keys of a tree path: an optimizer leaf's path ends with its param's path."""
+    keys = []
+    for entry in reversed(path):
+        if not isinstance(entry, jax.tree_util.DictKey):
+            break
+        keys.append(entry.key)
+    return tuple(reversed(keys))
+
+
+def abstract_params(model, seq_len: int, rng=None):
+    """Boxed (logically named) abstract params, computed without allocating anything."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    rng = jax.random.key(0) if rng is None else rng
+    return jax.eval_shape(lambda r: model.init(r, ids)["params"], rng)
+
+
+def state_shardings(model, tx: optax.GradientTransformation, mesh, seq_len: int) -> TrainState:
+    """NamedShardings for every leaf of the TrainState: params by logical names, Adam moments alike."""
+    boxed = abstract_params(model, seq_len)
+    param_sh = logical_shardings(boxed, mesh)
+    by_path = {_path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+    opt_abstract = jax.eval_shape(tx.init, nn.unbox(boxed))
+    replicated = NamedSharding(mesh, P())
+
+    def match(path, leaf):
+        keys = _path_keys(path)
+        sharding = by_path.get(keys)
+        return sharding if sharding is not None and getattr(leaf, "ndim", 0) > 0 else replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(match, opt_abstract)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, nonfinite_steps=replicated)
+
+
+def init_state(model, tx, mesh, seq_len: int, seed: int, shardings: TrainState | None = None,
+               params=None) -> TrainState:
+    """A fresh TrainState created directly in its sharded layout (jit with out_shardings).
+
+    params: start from these (e.g. pretrained weights) instead of a random init.
+    """
+    shardings = shardings or state_shardings(model, tx, mesh, seq_len)
+
+    def make(rng, given):
+        p = given if given is not None else nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          nonfinite_steps=jnp.zeros((), jnp.int32))
+
+    return jax.jit(make, out_shardings=shardings)(jax.random.key(seed), params)

@@ -1,0 +1,135 @@
+"""Loss functions per task and the pure, sharded train / eval steps.
+
+A loss returns sums (loss_sum, count, correct) rather than means, so that gradient accumulation and
+evaluation over many batches weight every token exactly once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxfound.sharding import LOGICAL_RULES, activation_sharding, batch_sharding
+
+
+def _sums(logits, labels, weights) -> dict:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.maximum(labels, 0))
+    weights = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(ce * weights), "count": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
+
+
+def mlm_loss(model, params, batch, rng, train: bool) -> dict:
+    """Masked LM: vocabulary logits only at the (B, P) masked positions."""
+    logits_BxPxV = model.apply(
+        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
+        masked_positions=batch["mlm_positions"], deterministic=not train, rngs={"dropout": rng},
+    )
+    return _sums(logits_BxPxV, batch["mlm_labels"], batch["mlm_weights"])
+
+
+def clm_loss(model, params, batch, rng, train: bool) -> dict:
+    """Causal LM: predict token t+1 from tokens <= t, never across a document boundary."""
+    ids_BxL, seg_BxL = batch["input_ids"], batch["segment_ids"]
+    logits_BxLxV = model.apply({"params": params}, ids_BxL, segment_ids=seg_BxL, deterministic=not train,
+                               rngs={"dropout": rng})
+    weights = (seg_BxL[:, 1:] == seg_BxL[:, :-1]) & (seg_BxL[:, 1:] > 0)
+    return _sums(logits_BxLxV[:, :-1], ids_BxL[:, 1:], weights)
+
+
+def token_cls_loss(model, params, batch, rng, train: bool) -> dict:
+    """Token classification: labels -100 (padding, non-first subwords) are ignored."""
+    logits_BxLxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                               batch.get("token_type_ids"), deterministic=not train, rngs={"dropout": rng})
+    labels = batch["labels"]
+    return _sums(logits_BxLxC, labels, labels >= 0)
+
+
+def seq_cls_loss(model, params, batch, rng, train: bool) -> dict:
+    logits_BxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                             batch.get("token_type_ids"), deterministic=not train, rngs={"dropout": rng})
+    labels = batch["labels"]
+    return _sums(logits_BxC, labels, labels >= 0)
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int = 1):
+    """One update: (state, batch) -> (state, metrics). Pure; dropout rng is a function of (seed, step)."""
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+    def grad_sums(micro, rng):
+        def f(params):
+            sums = loss_fn(model, params, micro, rng, True)
+            return sums["loss_sum"], sums
+        return jax.grad(f, has_aux=True)(state.params)
+
+    if grad_accum == 1:
+        grads, sums = grad_sums(batch, rng)
+    else:
+        def body(carry, xs):
+            i, micro = xs
+            g, s = grad_sums(micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (g, s)), None
+        zeros = jax.tree.map(jnp.zeros_like, (state.params, {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}))
+        zeros = (zeros[0], jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros[1]))
+        (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), _split_micro(batch, grad_accum)))
+
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = sums["loss_sum"] / count
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # a NaN/inf batch leaves params and optimizer state untouched; the driver decides skip or stop
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": sums["correct"] / count,
+        "tokens": sums["count"],
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
+        "finite": finite,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, model, loss_fn) -> dict:
+    """Sums over one held-out batch (deterministic: no dropout)."""
+    return loss_fn(model, params, batch, jax.random.key(0), False)
+
+
+def _with_rules(fn, mesh):
+    """Trace fn under the logical-axis rules and mesh, so activation constraints resolve to mesh axes."""
+    def wrapped(*args):
+        with activation_sharding(mesh, LOGICAL_RULES):
+            return fn(*args)
+    return wrapped
+
+
+def make_train_step(model, tx, loss_fn, mesh, shardings, seed: int, grad_accum: int = 1):
+    """train_step jitted with in/out shardings over the mesh and the state donated."""
+    fn = partial(train_step, model=model, tx=tx, loss_fn=loss_fn, seed=seed, grad_accum=grad_accum)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_with_rules(fn, mesh), in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(model, loss_fn, mesh, param_shardings):
+    fn = partial(eval_step, model=model, loss_fn=loss_fn)
+    return jax.jit(_with_rules(fn, mesh), in_shardings=(param_shardings, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
