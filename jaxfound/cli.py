@@ -61,6 +61,85 @@ def _pretrain(p):
     return run
 
 
+@verb("bench", "train-step throughput on synthetic batches: compile time, tokens/s, FLOPs, MFU, memory")
+def _bench(p):
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+
+    def run(args):
+        from jaxfound.bench import benchmark, format_table, write_report
+        from jaxfound.config import load_config
+
+        report = benchmark(load_config(args.config, args.overrides), args.steps, args.warmup)
+        print(format_table(report))
+        if args.out:
+            write_report(report, args.out)
+            print(f"wrote {args.out}")
+        return 0
+    return run
+
+
+@verb("finetune", "fine-tune a pretrained model for ner (CoNLL) or cls (CSV / JSON lines); keeps the best valid F1")
+def _finetune(p):
+    _config_args(p, "configs/ner_conll03.yaml")
+
+    def run(args):
+        from jaxfound.config import CONFIG_DIR, load_config
+        from jaxfound.finetune import finetune
+
+        cfg = load_config(args.config or CONFIG_DIR / "ner_conll03.yaml", args.overrides)
+        summary = finetune(cfg)
+        best = summary.get("best") or {}
+        table = {"run dir": summary["run_dir"], "steps": summary["steps"], "seconds": summary["seconds"],
+                 "best step": best.get("step"), "final train loss": summary["final_loss"]}
+        for split, rep in summary.get("reports", {}).items():
+            table |= {f"{split} {k}": v for k, v in rep.items()}
+        _print_summary(table, list(table))
+        return 0
+    return run
+
+
+@verb("evaluate", "score a fine-tuned run dir on a labelled file: entity and token-level reports")
+def _evaluate(p):
+    p.add_argument("--run", required=True, help="run dir written by `jaxfound finetune`")
+    p.add_argument("--file", required=True, help="CoNLL file (ner) or CSV / JSON lines (cls)")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+
+    def run(args):
+        from jaxfound.finetune import evaluate
+
+        report = evaluate(args.run, args.file, args.out)
+        print(report["table"])
+        return 0
+    return run
+
+
+@verb("predict", "entities (ner, with character offsets) or labels (cls) as JSON lines")
+def _predict(p):
+    p.add_argument("--run", required=True, help="run dir written by `jaxfound finetune`")
+    p.add_argument("--file", default=None, help="plain text, one text per line")
+    p.add_argument("texts", nargs="*", help="texts to label (whitespace-tokenized for ner)")
+
+    def run(args):
+        from pathlib import Path
+
+        from jaxfound.finetune import predict
+
+        texts = list(args.texts)
+        if args.file:
+            try:
+                texts += Path(args.file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise JaxfoundError(f"--file {args.file}: cannot read it as UTF-8 text ({e})") from None
+        for row in predict(args.run, texts):
+            row.pop("tags", None)
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxfound", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="verb")

@@ -214,11 +214,9 @@ def test_save_pretrained_round_trips_through_transformers(arch, head, cls_name, 
     model = build_model(cfg, head)
     ids, mask, types = _batch(cfg.vocab_size, seed=1)
     types = types if arch == "bert" else None
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.asarray(ids))["params"])
-    leaves, tree = jax.tree_util.tree_flatten(params)  # perturb so zero biases and unit LayerNorms are tested too
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    noise = [0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    params = jax.tree_util.tree_unflatten(tree, [x + n for x, n in zip(leaves, noise)])
+    params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(ids))["params"])
+    rng = np.random.default_rng(1)  # perturb so zero biases and unit LayerNorms are tested too
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32), params)
     save_pretrained(tmp_path, model, params, id2label=["O", "B", "I"] if "cls" in head else None)
     torch_model, info = getattr(transformers, cls_name).from_pretrained(
         tmp_path, attn_implementation="eager", output_loading_info=True)
@@ -240,8 +238,18 @@ def test_save_pretrained_writes_the_tokenizer(tmp_path):
     cfg = ModelConfig(arch="bert", vocab_size=tok.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
                       intermediate_size=32, max_position=16)
     model = build_model(cfg, "none")
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     save_pretrained(tmp_path / "out", model, params, tokenizer=tok)
     reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert reloaded("hello world")["input_ids"] == tok("hello world")["input_ids"] == [2, 5, 6, 3]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == tok.pad_token_id
+
+
+def test_gpt_seq_cls_with_a_classifier_bias_refuses_to_save(tmp_path):
+    cfg = ModelConfig(arch="gpt", vocab_size=20, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                      max_position=8, num_labels=2)
+    model = build_model(cfg, "seq_cls")
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params["classifier"]["bias"] = jnp.ones((2,))
+    with pytest.raises(JaxfoundError, match=r"'classifier/bias' is non-zero.*no bias"):
+        save_pretrained(tmp_path, model, params)

@@ -117,7 +117,8 @@ def test_unknown_mode_raises_project_error():
 
 def test_qparams_match_init_of_quantized_model_for_included_layers(float_params):
     qparams = quantize(float_params)
-    init = nn.unbox(build_model(dataclasses.replace(CFG, quant="w8a8"), "token_cls").init(jax.random.key(0), IDS)["params"])
+    model = build_model(dataclasses.replace(CFG, quant="w8a8"), "token_cls")
+    init = nn.unbox(model.init(jax.random.key(0), IDS)["params"])
     q_flat, init_flat = flatten(qparams), flatten(init)
     for path, kept in quantize_plan(float_params).items():
         layer = path[: -len("/kernel")]
@@ -125,7 +126,8 @@ def test_qparams_match_init_of_quantized_model_for_included_layers(float_params)
             for leaf in ("kernel", "scale", "bias"):
                 a, b = q_flat[f"{layer}/{leaf}"], init_flat[f"{layer}/{leaf}"]
                 assert (a.shape, a.dtype) == (b.shape, b.dtype), f"{layer}/{leaf}"
-    assert set(q_flat) - {p for p in q_flat if p.endswith("/scale")} == set(flatten(float_params))
+    added = {p[: -len("kernel")] + "scale" for p, kept in quantize_plan(float_params).items() if kept}
+    assert set(q_flat) == set(flatten(float_params)) | added
 
 
 def test_default_rules_keep_small_heads_layernorm_and_embeddings_float(float_params):
@@ -142,7 +144,8 @@ def test_default_rules_keep_small_heads_layernorm_and_embeddings_float(float_par
 def test_rules_first_match_wins_and_bad_rules_raise(float_params):
     rules = [Rule(r"/mlp/", "exclude"), Rule(r"layer_0/.*kernel$", "include")]
     plan = quantize_plan(float_params, rules)
-    assert {p for p, q in plan.items() if q} == {f"bert/layer_0/attention/{n}/kernel" for n in ("query", "key", "value", "out")}
+    attention = {f"bert/layer_0/attention/{n}/kernel" for n in ("query", "key", "value", "out")}
+    assert {p for p, q in plan.items() if q} == attention
     with pytest.raises(JaxfoundError, match="include, exclude"):
         quantize_plan(float_params, [Rule("kernel", "yes")])
     with pytest.raises(JaxfoundError, match="regex"):

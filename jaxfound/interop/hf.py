@@ -376,6 +376,9 @@ def save_pretrained(path, model, params, tokenizer=None, id2label=None) -> Path:
     """Write config.json + model.safetensors (+ the tokenizer) that ``transformers`` loads unchanged.
 
     id2label: a {id: name} dict or a list of names for classification heads (default LABEL_i).
+    Head 'none' of BERT becomes a BertModel without pooler weights (transformers initialises that pooler; the
+    last hidden state is unaffected). GPT-2 'seq_cls' needs a zero classifier bias (transformers' score has none)
+    and pools the last token that is not ``pad_token_id``: pass the tokenizer so config.json records it.
     """
     from safetensors.numpy import save_file
 

@@ -90,9 +90,9 @@ def load_quantized(path) -> tuple[dict, dict]:
         flat = load_file(str(params_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise JaxfoundError(f"quantized checkpoint: {params_file} is corrupt or not safetensors ({e})") from None
-    for key in (k for k in flat if k.endswith("/scale")):
-        kernel = flat.get(key[: -len("scale")] + "kernel")
-        if kernel is None or kernel.dtype != np.int8 or kernel.ndim != 2 or kernel.shape[1:] != flat[key].shape:
-            raise JaxfoundError(f"quantized checkpoint: {params_file}: {key} has no matching int8 (in, out) kernel")
+    for key in (k for k, v in flat.items() if k.endswith("kernel") and v.dtype == np.int8):
+        scale = flat.get(key[: -len("kernel")] + "scale")
+        if scale is None or flat[key].ndim != 2 or scale.shape != flat[key].shape[1:]:
+            raise JaxfoundError(f"quantized checkpoint: {params_file}: int8 {key} has no matching (out,) scale")
     metadata.pop("format")
     return unflatten(flat), metadata

@@ -1,0 +1,143 @@
+"""BERT masked-LM train step on this CPU: jaxfound against transformers' PyTorch BertForMaskedLM + torch AdamW.
+
+Both run in one process, alternating rounds of a few steps so that they share the machine's noise:
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput_cpu.json
+    python benchmarks/throughput.py --models small --rounds 6
+
+Both sides: batch 8 x seq 128, fp32, dropout 0.1 (HF also drops attention probabilities), AdamW, gradient
+clipping at norm 1.0, 15% of tokens predicted. PyTorch gets the standard HF MLM setup (labels -100 except at
+the masked positions, full-vocabulary logits); jaxfound computes logits only at the masked positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
+    "base": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072},
+}
+TARGETS = {"small": 2.0, "base": 1.3}
+
+
+def jax_bench(size: str, batch: int, seq: int, dropout: float, extra: list[str]):
+    from jaxfound.bench import build
+    from jaxfound.config import load_config
+
+    recipe = ROOT / "configs" / ("bert_small_mlm.yaml" if size == "small" else "bert_base_mlm.yaml")
+    overrides = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
+        "model.vocab_size=30522", "model.dtype=float32", "model.param_dtype=float32", f"model.dropout={dropout}",
+        f"train.batch_size={batch}", f"data.seq_len={seq}", "mesh.data=1", "train.clip_norm=1.0", *extra]
+    return build(load_config(recipe, overrides))
+
+
+def torch_bench(size: str, batch_np: dict, seq: int, dropout: float, threads: int):
+    """A closure running one HF BertForMaskedLM + AdamW step on the same tokens and masked positions."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    s = SIZES[size]
+    cfg = BertConfig(vocab_size=30522, hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
+                     num_attention_heads=s["num_heads"], intermediate_size=s["intermediate_size"],
+                     max_position_embeddings=512, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = BertForMaskedLM(cfg).train()
+    decay = [p for n, p in model.named_parameters() if not ("bias" in n or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if "bias" in n or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4, eps=1e-6)
+    ids = torch.as_tensor(batch_np["input_ids"], dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    rows = torch.arange(ids.shape[0])[:, None]
+    pos = torch.as_tensor(batch_np["mlm_positions"], dtype=torch.long)
+    labels[rows, pos] = torch.as_tensor(batch_np["mlm_labels"], dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def timed(fn, n: int) -> list[float]:
+    import time
+
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def compare(size: str, args) -> dict:
+    import jax
+
+    bench = jax_bench(size, args.batch, args.seq, args.dropout, args.jax_override)
+    host = {k: jax.device_get(v) for k, v in bench.batch.items()}
+    torch_step = torch_bench(size, host, args.seq, args.dropout, args.threads)
+    bench.run(args.warmup)
+    timed(torch_step, args.warmup)
+    jx, pt = [], []
+    for r in range(args.rounds):  # alternate, and alternate who goes first, so both see the same noise
+        order = [("jax", lambda: jx.extend(bench.run(args.steps))), ("torch", lambda: pt.extend(timed(torch_step, args.steps)))]
+        for _, run in order if r % 2 == 0 else order[::-1]:
+            run()
+    tokens = args.batch * args.seq
+    j, t = statistics.median(jx), statistics.median(pt)
+    return {"model": size, **SIZES[size], "vocab_size": 30522, "batch": args.batch, "seq_len": args.seq,
+            "dtype": "float32", "dropout": args.dropout, "threads": args.threads, "steps_each": len(jx),
+            "compile_s": round(bench.compile_s, 2), "xla_flops_per_step": bench.cost.get("flops"),
+            "jaxfound_step_s": j, "torch_step_s": t,
+            "jaxfound_tokens_per_s": tokens / j, "torch_tokens_per_s": tokens / t, "ratio": t / j,
+            "target_ratio": TARGETS[size],
+            "jaxfound_step_s_all": jx, "torch_step_s_all": pt}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["small", "base"], choices=list(SIZES))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--jax-override", nargs="*", default=[], help="extra jaxfound config overrides")
+    ap.add_argument("--out", default=None, help="JSON results")
+    args = ap.parse_args(argv)
+
+    results = [compare(size, args) for size in args.models]
+    print(f"\nBERT MLM train step, batch {args.batch} x seq {args.seq}, fp32, {args.threads} threads "
+          f"(median of {args.rounds * args.steps} alternating steps)")
+    print(f"{'model':<6} {'jaxfound tok/s':>15} {'PyTorch tok/s':>14} {'ratio':>7} {'target':>7}")
+    for r in results:
+        ok = "ok" if r["ratio"] >= r["target_ratio"] else "below"
+        print(f"{r['model']:<6} {r['jaxfound_tokens_per_s']:>15,.0f} {r['torch_tokens_per_s']:>14,.0f} "
+              f"{r['ratio']:>6.2f}x {r['target_ratio']:>6.1f}x {ok}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
