@@ -70,7 +70,7 @@ def torch_bench(size: str, batch_np: dict, seq: int, dropout: float, threads: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -88,16 +88,17 @@ def timed(fn, n: int) -> list[float]:
 
 def compare(size: str, args) -> dict:
     import jax
+    import numpy as np
 
     bench = jax_bench(size, args.batch, args.seq, args.dropout, args.jax_override)
-    host = {k: jax.device_get(v) for k, v in bench.batch.items()}
+    host = {k: np.array(jax.device_get(v)) for k, v in bench.batch.items()}  # writable copies for torch
     torch_step = torch_bench(size, host, args.seq, args.dropout, args.threads)
     bench.run(args.warmup)
     timed(torch_step, args.warmup)
     jx, pt = [], []
     for r in range(args.rounds):  # alternate, and alternate who goes first, so both see the same noise
-        order = [("jax", lambda: jx.extend(bench.run(args.steps))), ("torch", lambda: pt.extend(timed(torch_step, args.steps)))]
-        for _, run in order if r % 2 == 0 else order[::-1]:
+        order = [lambda: jx.extend(bench.run(args.steps)), lambda: pt.extend(timed(torch_step, args.steps))]
+        for run in order if r % 2 == 0 else order[::-1]:
             run()
     tokens = args.batch * args.seq
     j, t = statistics.median(jx), statistics.median(pt)

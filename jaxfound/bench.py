@@ -85,7 +85,8 @@ def synthetic_batch(cfg, vocab_size: int, seed: int = 0) -> dict:
              "segment_ids": np.ones((B, L), np.int32)}
     if cfg.train.task == "mlm":
         P = max_predictions(L, cfg.data.mask_prob)
-        batch["mlm_positions"] = np.sort(np.stack([rng.choice(L, P, replace=False) for _ in range(B)]), 1).astype(np.int32)
+        pos_BxP = np.stack([rng.choice(L, P, replace=False) for _ in range(B)])
+        batch["mlm_positions"] = np.sort(pos_BxP, 1).astype(np.int32)
         batch["mlm_labels"] = rng.integers(5, vocab_size, (B, P), dtype=np.int32)
         batch["mlm_weights"] = np.ones((B, P), np.float32)
     return batch
@@ -101,9 +102,10 @@ def build(cfg) -> Bench:
     from jaxfound.train.step import make_train_step
 
     if cfg.train.task not in ("mlm", "clm"):
-        raise JaxfoundError(f"bench: train.task={cfg.train.task}; only the pretraining tasks mlm and clm are benchmarked")
+        raise JaxfoundError(f"bench: train.task={cfg.train.task}; only pretraining tasks are benchmarked (mlm, clm)")
     if cfg.data.seq_len > cfg.model.max_position:
-        raise JaxfoundError(f"bench: data.seq_len={cfg.data.seq_len} exceeds model.max_position={cfg.model.max_position}")
+        raise JaxfoundError(
+            f"bench: data.seq_len={cfg.data.seq_len} exceeds model.max_position={cfg.model.max_position}")
     initialize_distributed(cfg.mesh)
     task = get_task(cfg.train.task, cfg.model.arch)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=resolve_vocab(cfg)))

@@ -1,7 +1,9 @@
 """Orbax checkpoints: train state + data-iterator state + resolved config, restorable onto any mesh.
 
 Saves are asynchronous and keep the last N; orbax writes each step to a temporary directory and
-renames it only when complete, so the last good checkpoint is never replaced by a partial one. On
+renames it only when complete, and deletes steps past N only after that, so the last good checkpoint is
+never replaced by a partial one. A write that fails (disk full, quota) stops the run with a JaxfoundError;
+temporary directories a killed run left behind are removed when the next run opens the manager. On
 restore, a step that fails to load is reported and skipped in favour of the previous one.
 """
 
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -20,13 +25,17 @@ log = logging.getLogger("jaxfound")
 
 
 def manager(directory: str | Path, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                        cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(directory).absolute() / "checkpoints", options=opts)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, config: dict | None = None,
          force: bool = False) -> bool:
-    """Start saving (async); returns whether a save was started."""
+    """Start saving (async); returns whether a save was started.
+
+    Raises JaxfoundError if this save, or the previous one still in flight, could not be written.
+    """
     import grain
 
     items = {"state": ocp.args.StandardSave(state)}
@@ -34,7 +43,60 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, conf
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
         items["config"] = ocp.args.JsonSave(config)
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # orbax / tensorstore surface a failed write (ENOSPC, EFBIG, EACCES) as many types
+        raise _write_error(mngr, step, e) from None
+
+
+def finish(mngr: ocp.CheckpointManager, close: bool = False) -> None:
+    """Wait for the save in flight (and optionally close); a failed write becomes a JaxfoundError."""
+    try:
+        mngr.wait_until_finished()
+        if close:
+            mngr.close()
+    except Exception as e:
+        raise _write_error(mngr, None, e) from None
+
+
+def complete_steps(mngr: ocp.CheckpointManager) -> list[int]:
+    """Steps whose directories were finalised (renamed from their temporary name), read from disk."""
+    root = Path(str(mngr.directory))
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+
+
+def _write_error(mngr: ocp.CheckpointManager, step: int | None, e: Exception) -> JaxfoundError:
+    """The failed write (often the previous async save, noticed at the next one) as one actionable line."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    code = getattr(e, "errno", None) or next(iter(re.findall(r"os_error_code='?(\d+)", first)), None)
+    if code:  # tensorstore buries the OS error (ENOSPC, EFBIG, EACCES) in a long message
+        reason = f"{os.strerror(int(code))}, errno {code}"
+    else:
+        reason = f"{type(e).__name__}: {first if len(first) <= 300 else first[:150] + ' ... ' + first[-150:]}"
+    try:  # stop orbax's background writers so the process exits quietly
+        mngr.close()
+    except Exception:  # noqa: S110  (the same failure again)
+        pass
+    done = complete_steps(mngr)
+    last = f"the last complete checkpoint is step {done[-1]}" if done else "no complete checkpoint was written"
+    when = f" (noticed when saving step {step})" if step is not None else ""
+    return JaxfoundError(f"a checkpoint could not be written to {mngr.directory}{when} ({reason}); {last}. "
+                         "Free disk space (or choose another run.dir) and run the same command again to resume")
+
+
+def state_bytes(abstract_state) -> int:
+    """Bytes one checkpoint of this state holds (global arrays, before compression)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype")))
+
+
+def check_space(directory: str | Path, abstract_state) -> None:
+    """Fail before training if the disk under directory cannot hold even one checkpoint of this state."""
+    need = state_bytes(abstract_state)
+    free = shutil.disk_usage(Path(directory)).free
+    if free < need:
+        raise JaxfoundError(f"run.dir={directory}: {free / 2**20:.1f} MiB free on its disk, but one checkpoint of "
+                            f"this model needs about {need / 2**20:.1f} MiB; free space or choose another run.dir")
 
 
 def abstract_like(state, shardings):
@@ -50,18 +112,63 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
     import grain
 
     skipped = []
-    for step in sorted(mngr.all_steps(read=True), reverse=True):
+    mngr.reload()
+    for step in sorted(mngr.all_steps(), reverse=True):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        foreign = _foreign_data_state(mngr, step) if data_iterator is not None else None
+        if data_iterator is not None and foreign is None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
-            return step, restored["state"], skipped
+            if foreign is not None:
+                data_iterator.set_state(json.loads(foreign.read_text()))
         except Exception as e:  # any unreadable step: say which and why, then fall back
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log.warning("checkpoint step %d is unreadable (%s); falling back to an earlier one", step, reason)
             skipped.append((step, reason))
+            continue
+        if skipped:
+            _quarantine(mngr, [s for s, _ in skipped])
+        return step, restored["state"], skipped
+    if skipped:  # nothing readable: the run starts over, and must be able to save at those step numbers
+        _quarantine(mngr, [s for s, _ in skipped])
     return None, None, skipped
+
+
+def _quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Rename unreadable steps to '<step>.unreadable' (kept for inspection, invisible to orbax).
+
+    Left in place they would count towards checkpoint.keep, so saves after the fallback would delete the
+    good step restored from, and orbax would refuse to save at their step numbers.
+    """
+    root = Path(str(mngr.directory))
+    if jax.process_index() == 0:
+        for step in steps:
+            target = root / f"{step}.unreadable"
+            n = 1
+            while target.exists():
+                n += 1
+                target = root / f"{step}.unreadable{n}"
+            (root / str(step)).rename(target)
+            log.warning("moved unreadable checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxfound_checkpoint_quarantine")
+    mngr.reload()
+
+
+def _foreign_data_state(mngr: ocp.CheckpointManager, step: int) -> Path | None:
+    """Process 0's iterator state when the checkpoint was written by a different number of processes.
+
+    grain names the file by (process, process count); jaxfound's pretraining iterators hold only the next
+    step, the same in every process, so process 0's state is valid for any process count.
+    """
+    data_dir = Path(str(mngr.directory)) / str(step) / "data"
+    if not data_dir.is_dir() or (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+        return None
+    written = sorted(data_dir.glob("process_0-of-*.json"))
+    return written[0] if written else None
 
 
 def read_config(run_dir: str | Path) -> dict:

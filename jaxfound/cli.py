@@ -140,6 +140,66 @@ def _predict(p):
     return run
 
 
+@verb("merge", "fuse models: a plan from the knowledge graph (--target-task) or a mergekit-style YAML (--recipe)")
+def _merge(p):
+    p.add_argument("--target-task", default=None, help="task vertex of the registry graph, e.g. conll2003/ner")
+    p.add_argument("--registry", default=None, help="registry directory holding graph.json")
+    p.add_argument("--method", default="auto",
+                   choices=["auto", "greedy_soup", "average", "task_arithmetic", "ties", "dare"])
+    p.add_argument("--recipe", default=None, help="mergekit-style YAML (models, merge_method, base_model, parameters)")
+    p.add_argument("--out", default=None, help="output dir (plan mode default: REGISTRY/merged/NAME)")
+    p.add_argument("--hf", action="store_true", help="recipe mode: write a transformers directory")
+    p.add_argument("--name", default=None, help="name of the fused model in the graph")
+    p.add_argument("--force", action="store_true", help="register the fused model even if worse than its best parent")
+    p.add_argument("--density", type=float, default=0.5, help="ties / dare: fraction of task-vector entries kept")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="task-vector scale")
+    p.add_argument("--seed", type=int, default=0, help="dare: the drop mask's seed")
+
+    def run(args):
+        from jaxfound.fusion.registry import merge_from_registry, run_recipe
+
+        if args.recipe:
+            if not args.out:
+                raise JaxfoundError("--recipe needs --out DIR (where the merged model is written)")
+            summary = run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed)
+            _print_summary(summary, list(summary))
+            return 0
+        if not args.target_task or not args.registry:
+            raise JaxfoundError("give --target-task T --registry R (plan from the graph) or --recipe R.yaml --out DIR")
+        report = merge_from_registry(args.registry, args.target_task, args.method, args.out, args.name, args.force,
+                                     density=args.density, lam=args.lam, seed=args.seed)
+        table = {k: report.get(k) for k in ("name", "method", "metric", "split", "score", "best_parent",
+                                            "best_parent_score", "delta", "registered", "out")}
+        _print_summary(table, list(table))
+        print(report["message"])
+        return 0 if report["registered"] else 1
+    return run
+
+
+@verb("graph", "the knowledge graph of a registry: show, lineage MODEL, plot OUT.png")
+def _graph(p):
+    p.add_argument("action", choices=["show", "lineage", "plot"])
+    p.add_argument("target", nargs="?", default=None, help="lineage: the model; plot: the PNG (or SVG/PDF) path")
+    p.add_argument("--registry", required=True, help="registry directory holding graph.json")
+
+    def run(args):
+        from jaxfound.fusion import graph as G
+        from jaxfound.fusion.registry import describe
+
+        g = G.load(args.registry)
+        if args.action == "show":
+            print(describe(g))
+        elif not args.target:
+            raise JaxfoundError(f"graph {args.action} needs an argument: "
+                                f"{'a model name' if args.action == 'lineage' else 'the output path, e.g. graph.png'}")
+        elif args.action == "lineage":
+            print(" <- ".join([args.target, *G.lineage(g, args.target)]))
+        else:
+            print(f"wrote {G.plot(g, args.target)}")
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxfound", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="verb")

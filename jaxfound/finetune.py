@@ -32,7 +32,7 @@ from jaxfound.data.conll import read_conll, tag_spans
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
-from jaxfound.sharding import LOGICAL_RULES, activation_sharding, batch_sharding, global_batch, make_mesh
+from jaxfound.sharding import LOGICAL_RULES, activation_sharding, global_batch, make_mesh
 from jaxfound.tasks import get_task
 
 EVAL_BATCH = 64
@@ -77,9 +77,9 @@ def _graft(fresh: dict, trunk: dict, source: str) -> dict:
     """The fresh params with every part the pretrained model has (trunk, pooler) taken from it."""
     out = dict(fresh)
     for key, value in trunk.items():
-        if key in ("bert", "gpt", "pooler"):
-            want = jax.tree.map(jnp.shape, fresh[key])
-            got = jax.tree.map(jnp.shape, value)
+        if key in ("bert", "gpt", "pooler") and key in fresh:
+            want = jax.tree.map(lambda x: tuple(x.shape), fresh[key])
+            got = jax.tree.map(lambda x: tuple(np.shape(x)), value)
             if want != got:
                 raise JaxfoundError(f"{source}: pretrained '{key}' params do not match the model config")
             out[key] = value
@@ -148,10 +148,19 @@ def load_base(cfg, head: str, labels: list[str]):
 
 
 def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -> dict:
-    """A fresh init (new classifier head) with the pretrained parts copied in."""
-    fresh = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]))(
-        jax.random.key(seed))
-    return _graft(fresh, pretrained, source) if pretrained else fresh
+    """Pretrained parts copied in; the rest (the new head) drawn as BERT does: N(0, 0.02) weights, zero biases."""
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+    rng = np.random.default_rng([seed, 17])
+
+    def fresh(path, x):
+        name = getattr(path[-1], "key", "")
+        if name in ("kernel", "embedding"):
+            return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+        return np.ones(x.shape, x.dtype) if name == "scale" else np.zeros(x.shape, x.dtype)
+
+    missing = {k: v for k, v in shapes.items() if k not in pretrained}
+    return _graft({**shapes, **jax.tree_util.tree_map_with_path(fresh, missing)}, pretrained, source) \
+        if pretrained else jax.tree_util.tree_map_with_path(fresh, shapes)
 
 
 # ---------------------------------------------------------------- prediction
@@ -259,7 +268,8 @@ def finetune(cfg) -> dict:
                   f"split into overlapping windows" if task.name == "ner" else
                   f"{name}: {s.truncated} of {len(s.gold)} texts truncated to seq_len={seq_len}")
     train = ftdata.BucketedBatches(splits["train"].windows, cfg.train.batch_size, cfg.train.seed, seq_len, pad_id,
-                                   task.name == "ner", cfg.data.length_bucketing)
+                                   task.name == "ner", cfg.data.length_bucketing,
+                                   epochs=cfg.train.epochs)
     total_steps = cfg.train.epochs * train.steps_per_epoch
 
     # ---- Model, params, run dir contents ----
@@ -268,8 +278,9 @@ def finetune(cfg) -> dict:
     cfg = replace(cfg, model=dataclasses.asdict(model_cfg),
                   train={"eval_every": train.steps_per_epoch, "log_every": min(cfg.train.log_every,
                                                                                train.steps_per_epoch)})
-    (run_dir / "labels.json").write_text(json.dumps(labels, indent=1))
-    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    if jax.process_index() == 0:
+        (run_dir / "labels.json").write_text(json.dumps(labels, indent=1))
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     # ---- Evaluation on valid each epoch ----
     mesh = make_mesh(cfg.mesh)
@@ -289,7 +300,7 @@ def finetune(cfg) -> dict:
     extra = {"task": task.name, "labels": labels, "init": cfg.model.init,
              "train_sentences": len(splits["train"].gold), "train_windows": len(splits["train"].windows),
              "split_sentences": {n: s.windows.num_split for n, s in splits.items()},
-             "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.shapes(1)}
+             "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.buckets.tolist()}
     job = Job(model=model, task=task, total_steps=total_steps, evaluate=evaluate, seq_len=seq_len,
               make_iterator=lambda: ftdata.batch_iterator(train, total_steps, jax.process_index(),
                                                           jax.process_count()),
@@ -307,10 +318,12 @@ def finetune(cfg) -> dict:
     for name in ("valid", "test"):
         if name in splits:
             report = run_eval(best, name)
-            (run_dir / f"report_{name}.json").write_text(json.dumps(report, indent=1))
+            if jax.process_index() == 0:
+                (run_dir / f"report_{name}.json").write_text(json.dumps(report, indent=1))
             print(f"\n== {name} ({splits[name].path}), best params ==\n{render(task.name, report)}")
             summary["reports"][name] = _headline(report)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 

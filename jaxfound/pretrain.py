@@ -11,7 +11,7 @@ import numpy as np
 from jaxfound.data.pipeline import batch_iterator, local_batch
 from jaxfound.data.pretrain import prepare_pretraining
 from jaxfound.models import build_model
-from jaxfound.sharding import global_batch, make_mesh
+from jaxfound.sharding import global_batch, initialize_distributed, make_mesh
 from jaxfound.tasks import get_task
 from jaxfound.train.loop import Job, fit
 from jaxfound.train.state import state_shardings
@@ -39,6 +39,7 @@ def make_pretrain_evaluate(model, task, mesh, param_shardings, valid, batch_size
 
 def pretrain(cfg) -> dict:
     """Read the corpus, build the model and train it with fit(); returns the run summary."""
+    initialize_distributed(cfg.mesh)  # before anything touches jax.devices() (make_mesh below)
     task = get_task(cfg.train.task, cfg.model.arch)
     data = prepare_pretraining(cfg, cfg.run.dir)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)

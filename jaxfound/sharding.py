@@ -30,11 +30,14 @@ LOGICAL_RULES = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_vocab", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
-    ("vocab", "tensor"),
+    # not ("vocab", "tensor"): XLA's SPMD partitioner (jax 0.10.2, CPU) computed wrong embedding gradients for
+    # a table sharded (tensor, fsdp) under a (2, 2, 2) mesh (tests/test_sharding.py caught it); embed -> fsdp
+    # already splits the table, and the tied logits stay batch-sharded.
+    ("vocab", None),
     ("pos", None),
     ("types", None),
     ("norm", None),

@@ -12,8 +12,8 @@ from jaxfound.config import load_config
 from jaxfound.data import finetune as ftdata
 from jaxfound.data.conll import read_conll
 from jaxfound.errors import JaxfoundError
-from jaxfound.finetune import finetune, load_run, predict, whitespace_words
 from jaxfound.finetune import evaluate as evaluate_run
+from jaxfound.finetune import finetune, load_run, predict, whitespace_words
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

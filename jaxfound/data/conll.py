@@ -44,7 +44,8 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise JaxfoundError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8") from None
+        raise JaxfoundError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8") \
+            from None
 
 
 def _is_iob_column(tags: list[str]) -> bool:

@@ -3,8 +3,9 @@
 Everything is tokenized once up front (one batched call of a fast tokenizer); batches are numpy.
 The batch of step s is a pure function of (seed, s): epoch = s // steps_per_epoch, and within an epoch
 examples are shuffled by (seed, epoch), sorted by length inside large chunks, cut into batches, and
-the batches shuffled again. Each batch is padded to its longest example rounded up to a multiple of
-``pad_to``, so the jitted step sees only a handful of shapes.
+the batches shuffled again. Each batch is padded to the smallest of a few bucket lengths (multiples of
+``pad_to``, at most ``max_buckets`` of them, chosen to waste the least padding on this data), so the
+jitted step compiles only a handful of times.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from jaxfound.errors import JaxfoundError
 
 IGNORE = -100
 CHUNK_BATCHES = 50  # sort by length within chunks of this many batches (as transformers' LengthGroupedSampler)
+PAD_TO = 4  # padded lengths are multiples of this
+MAX_BUCKETS = 12  # at most this many padded lengths (compilations of the train step)
+SHAPE_COST = 20_000  # tokens: one more compile of a train step (~10 s for a small BERT on 2 CPU cores) must save more
 
 
 # ---------------------------------------------------------------- token classification
@@ -220,16 +224,46 @@ def encode_texts(texts: list[str], label_ids, tokenizer, seq_len: int) -> tuple[
 # ---------------------------------------------------------------- batches
 
 
-def bucket_length(n: int, pad_to: int, seq_len: int) -> int:
-    """n rounded up to a multiple of pad_to (capped at seq_len): few distinct shapes, little padding."""
-    return min(int(math.ceil(n / pad_to) * pad_to), seq_len)
+def bucket_length(n: int, buckets) -> int:
+    """The smallest bucket length >= n."""
+    i = int(np.searchsorted(buckets, n))
+    if i == len(buckets):
+        raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+    return int(buckets[i])
 
 
-def collate(windows: Windows, rows: np.ndarray, size: int, pad_to: int, seq_len: int, pad_id: int,
-            token_level: bool) -> dict:
+def choose_buckets(batch_max: np.ndarray, max_buckets: int, pad_to: int, seq_len: int, batch_size: int = 1,
+                   shape_cost: float = 0.0, repeats: float = 1.0) -> np.ndarray:
+    """Padded lengths (multiples of pad_to, at most max_buckets) minimising padded tokens + shape_cost per length.
+
+    Every distinct length is one compilation of the jitted step, worth about shape_cost tokens of work;
+    the batches' padded tokens count `repeats` times (epochs). An exact dynamic programme over the
+    (few dozen) candidate lengths picks the set.
+    """
+    cand = np.unique(np.minimum(np.ceil(np.asarray(batch_max) / pad_to).astype(np.int64) * pad_to, seq_len))
+    count = np.array([np.sum(np.minimum(np.ceil(batch_max / pad_to) * pad_to, seq_len) == c) for c in cand])
+    n, k_max = len(cand), min(max_buckets, len(cand))
+    cum = np.r_[0, np.cumsum(count)]
+    cost = np.full((k_max + 1, n + 1), np.inf)
+    cost[0, 0] = 0.0
+    back = np.zeros((k_max + 1, n + 1), np.int64)
+    for k in range(1, k_max + 1):
+        for j in range(1, n + 1):  # bucket cand[j-1] serves candidates i..j-1
+            options = cost[k - 1, :j] + cand[j - 1] * (cum[j] - cum[:j])
+            back[k, j] = int(np.argmin(options))
+            cost[k, j] = options[back[k, j]]
+    total = cost[:, n] * batch_size * repeats + shape_cost * np.arange(k_max + 1)
+    k, j, out = int(np.argmin(total)), n, []
+    while j > 0:
+        out.append(int(cand[j - 1]))
+        j, k = back[k, j], k - 1
+    return np.array(sorted(out), np.int64)
+
+
+def collate(windows: Windows, rows: np.ndarray, size: int, buckets, pad_id: int, token_level: bool) -> dict:
     """Rows (indices, -1 = filler) -> padded numpy batch of `size` rows; filler rows carry no labels."""
     real = [r for r in rows if r >= 0]
-    L = bucket_length(max([len(windows.input_ids[r]) for r in real], default=2), pad_to, seq_len)
+    L = bucket_length(max([len(windows.input_ids[r]) for r in real], default=2), buckets)
     ids = np.full((size, L), pad_id, np.int32)
     mask = np.zeros((size, L), np.int32)
     labels = np.full((size, L) if token_level else (size,), IGNORE, np.int32)
@@ -251,12 +285,16 @@ class BucketedBatches:
     """Training batches over epochs; batch(s) is a pure function of (seed, s)."""
 
     def __init__(self, windows: Windows, batch_size: int, seed: int, seq_len: int, pad_id: int,
-                 token_level: bool = True, bucketing: bool = True, pad_to: int = 8):
+                 token_level: bool = True, bucketing: bool = True, pad_to: int = PAD_TO, max_buckets: int = MAX_BUCKETS,
+                 epochs: int = 1):
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.seq_len, self.pad_id, self.token_level = seq_len, pad_id, token_level
-        self.bucketing, self.pad_to = bucketing, pad_to
+        self.bucketing = bucketing
         self.lengths = windows.lengths
         self.steps_per_epoch = max(1, math.ceil(len(windows) / batch_size))
+        # the padded lengths: chosen on two epochs' batches; the longest window is in some batch of every epoch
+        maxes = [self.lengths[r[r >= 0]].max() for e in range(2) for r in self.epoch_batches(e)]
+        self.buckets = choose_buckets(np.array(maxes), max_buckets, pad_to, seq_len, batch_size, SHAPE_COST, epochs / 2)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019  (one or two epochs live at once)
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -281,7 +319,7 @@ class BucketedBatches:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """This process's rows of the global batch of `step`; the padded length is the global batch's."""
         rows = self.rows(step)
-        full = collate(self.windows, rows, self.batch_size, self.pad_to, self.seq_len, self.pad_id, self.token_level)
+        full = collate(self.windows, rows, self.batch_size, self.buckets, self.pad_id, self.token_level)
         b = self.batch_size // process_count
         return {k: v[process_index * b:(process_index + 1) * b] for k, v in full.items()}
 
@@ -291,7 +329,7 @@ class BucketedBatches:
         for e in range(epochs):
             for rows in self.epoch_batches(e):
                 real = rows[rows >= 0]
-                out.add(bucket_length(int(self.lengths[real].max()), self.pad_to, self.seq_len))
+                out.add(bucket_length(int(self.lengths[real].max()), self.buckets))
         return sorted(out)
 
 
@@ -307,9 +345,11 @@ def batch_iterator(batches: BucketedBatches, total_steps: int, process_index: in
 
 
 def eval_batches(windows: Windows, batch_size: int, seq_len: int, pad_id: int, token_level: bool = True,
-                 pad_to: int = 8) -> list[tuple[np.ndarray, dict]]:
+                 pad_to: int = PAD_TO, max_buckets: int = MAX_BUCKETS) -> list[tuple[np.ndarray, dict]]:
     """Fixed evaluation batches, length-sorted: [(row indices, batch)] covering every window once."""
     order = np.argsort(-windows.lengths, kind="stable")
     steps = max(1, math.ceil(len(order) / batch_size))
     order = np.r_[order, np.full(steps * batch_size - len(order), -1)].reshape(steps, batch_size)
-    return [(rows, collate(windows, rows, batch_size, pad_to, seq_len, pad_id, token_level)) for rows in order]
+    maxes = np.array([windows.lengths[r[r >= 0]].max() for r in order])
+    buckets = choose_buckets(maxes, max_buckets, pad_to, seq_len, batch_size, SHAPE_COST / 4)
+    return [(rows, collate(windows, rows, batch_size, buckets, pad_id, token_level)) for rows in order]

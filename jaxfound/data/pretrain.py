@@ -30,6 +30,9 @@ def _round_up(n: int, multiple: int = 128) -> int:
 
 def prepare_pretraining(cfg, run_dir: str) -> PretrainData:
     """Read (or synthesise) the corpus, load or train the tokenizer, pack, and split off held-out rows."""
+    from jaxfound.train.loop import check_run_dir
+
+    check_run_dir(Path(run_dir))  # the tokenizer is written there: fail before reading the corpus, not after
     data, train = cfg.data, cfg.train
     docs = synthetic_corpus(data.synthetic_docs, seed=0) if data.path is None else read_documents(
         data.path, data.format, data.text_field)

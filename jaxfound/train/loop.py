@@ -48,7 +48,7 @@ def check_run_dir(run_dir: Path) -> None:
     """Fail before any work if the run dir cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe_{os.getpid()}"  # per process: several may share run_dir
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as e:
@@ -138,6 +138,7 @@ def fit(cfg, job: Job) -> dict:
     is_main = jax.process_index() == 0
     config_dict = to_dict(cfg)
     if is_main:
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a stale summary must not vouch for this run
         (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
 
     # ---- Build mesh, optimizer, shardings and the jitted step ----
@@ -153,9 +154,10 @@ def fit(cfg, job: Job) -> dict:
     # ---- Load checkpoint (or initialise, born sharded) ----
     state = init_state(job.model, tx, mesh, job.seq_len, cfg.train.seed, shardings, job.init_params)
     abstract = ckpt.abstract_like(state, shardings)
+    ckpt.check_space(run_dir, abstract)
     step0, restored, skipped = ckpt.restore_latest(mngr, abstract, iterator)
     for bad_step, reason in skipped:
-        print(f"resume: skipped checkpoint step {bad_step} ({reason})")
+        print(f"resume: skipped checkpoint step {bad_step} ({reason}); moved aside as {bad_step}.unreadable")
     if restored is not None:
         state = restored
         print(f"resume: continuing from step {step0} in {run_dir}")
@@ -184,9 +186,21 @@ def fit(cfg, job: Job) -> dict:
         m = jax.device_get(m)
         if not bool(m["finite"]):
             if cfg.train.nonfinite == "stop":
-                return s, m, True
+                record(_train_row(bar, s, m, schedule, tokens_since, t_since))
+                stop_nonfinite(s)
             print(f"step {s}: non-finite loss or gradient; update skipped (train.nonfinite=skip)")
-        return s, m, False
+        return s, m
+
+    def stop_nonfinite(bad_step: int):
+        """train.nonfinite=stop: checkpoint the current state (the bad update was not applied) and raise."""
+        bar.close()
+        ckpt.finish(mngr)
+        ckpt.save(mngr, step, state, iterator, config_dict, force=True)
+        ckpt.finish(mngr, close=True)
+        raise JaxfoundError(
+            f"step {bad_step}: loss or gradient is NaN/inf (train.nonfinite=stop); its update was not applied and "
+            f"the last good state is saved at step {step} in {run_dir}/checkpoints; "
+            "lower train.lr or check the data, or set train.nonfinite=skip")
 
     if step == 0 and job.total_steps > 0:  # the untrained model's held-out score: the baseline of every curve
         ev0 = job.evaluate(state.params, 0)
@@ -200,24 +214,16 @@ def fit(cfg, job: Job) -> dict:
             state, metrics = train_step(state, batch)
             step += 1
             tokens_since += _tokens(batch_local) * jax.process_count()
-            stop_nonfinite = False
             if pending is not None:
-                s_prev, m_prev, stop_nonfinite = drain(pending)
-                if s_prev % cfg.train.log_every == 0 or stop_nonfinite:
+                s_prev, m_prev = drain(pending)
+                if s_prev % cfg.train.log_every == 0:
                     record(_train_row(bar, s_prev, m_prev, schedule, tokens_since, t_since))
                     tokens_since, t_since = 0, time.perf_counter()
             pending = (step, metrics)
             bar.update(1)
-            if stop_nonfinite:
-                mngr.wait_until_finished()
-                ckpt.save(mngr, step, state, iterator, config_dict, force=True)
-                mngr.wait_until_finished()
-                raise JaxfoundError(
-                    f"step {pending[0] - 1}: loss or gradient is NaN/inf (train.nonfinite=stop); "
-                    f"the last good state is saved at step {step} in {run_dir}/checkpoints")
             is_eval = step % cfg.train.eval_every == 0 or step == job.total_steps
             if is_eval:
-                s_prev, m_prev, _ = drain(pending)
+                s_prev, m_prev = drain(pending)
                 pending = None
                 row = _train_row(bar, s_prev, m_prev, schedule, tokens_since, t_since)
                 ev = job.evaluate(state.params, step)
@@ -237,11 +243,10 @@ def fit(cfg, job: Job) -> dict:
                 summary["preempted"] = True
                 break
         if pending is not None:
-            s_prev, m_prev, _ = drain(pending)
+            s_prev, m_prev = drain(pending)
             record(_train_row(bar, s_prev, m_prev, schedule, tokens_since, t_since))
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    ckpt.finish(mngr, close=True)
     if metrics_file is not None:
         metrics_file.close()
 
@@ -260,8 +265,10 @@ def fit(cfg, job: Job) -> dict:
         "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
         "mesh": dict(mesh.shape),
     })
-    if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if is_main:  # written whole or not at all: a kill mid-write leaves no summary that looks complete
+        tmp = run_dir / f".summary.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+        os.replace(tmp, run_dir / "summary.json")
         plot_losses(run_dir)
     summary["state"] = state
     return summary

