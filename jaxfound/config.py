@@ -170,7 +170,8 @@ def _build(cls, values: dict, prefix: str, source: str):
     kwargs = {}
     for k, v in values.items():
         if k not in allowed:
-            raise JaxfoundError(f"{source}: unknown key '{prefix}{k}' (allowed under '{prefix[:-1]}': {', '.join(allowed)})")
+            raise JaxfoundError(f"{source}: unknown key '{prefix}{k}' "
+                                f"(allowed under '{prefix[:-1]}': {', '.join(allowed)})")
         f = next(f for f in dataclasses.fields(cls) if f.name == k)
         v = _coerce(v, hints[k], prefix + k, source)
         choices = f.metadata.get("choices")
@@ -178,6 +179,52 @@ def _build(cls, values: dict, prefix: str, source: str):
             raise JaxfoundError(f"{source}: key '{prefix}{k}' is {v!r}; allowed: {', '.join(map(str, choices))}")
         kwargs[k] = v
     return cls(**kwargs)
+
+
+_POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
+             "model.max_position", "model.type_vocab_size", "model.layer_norm_eps", "data.tokenizer_vocab",
+             "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
+             "train.eval_batches", "mesh.fsdp", "mesh.tensor", "checkpoint.keep")
+_NON_NEGATIVE = ("model.vocab_size", "data.synthetic_docs", "train.steps", "train.schedule_steps",
+                 "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps", "train.clip_norm",
+                 "checkpoint.every")
+_UNIT = {"model.dropout": (0.0, 1.0, "[0, 1)"), "data.mask_prob": (0.0, 1.0, "(0, 1)"),
+         "data.valid_fraction": (0.0, 1.0, "[0, 1)"), "train.warmup_ratio": (0.0, 1.0, "[0, 1]"),
+         "train.b1": (0.0, 1.0, "[0, 1)"), "train.b2": (0.0, 1.0, "[0, 1)")}
+
+
+def validate(cfg: Config, source: str = "<config>") -> Config:
+    """Value ranges and the few cross-key constraints, checked before any work (a zero batch size would
+    otherwise surface as a ZeroDivisionError deep inside the data pipeline)."""
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    def bad(key, valid):
+        return JaxfoundError(f"{source}: key '{key}' is {get(key)!r}; it must be {valid}")
+
+    for key in _POSITIVE:
+        if not get(key) > 0:
+            raise bad(key, "> 0")
+    for key in _NON_NEGATIVE:
+        if not get(key) >= 0:  # also rejects NaN
+            raise bad(key, ">= 0")
+    for key, (lo, hi, text) in _UNIT.items():
+        v = get(key)
+        ok = lo <= v <= hi and (v < hi or text.endswith("]")) and (v > lo or text.startswith("["))
+        if not ok:
+            raise bad(key, f"in {text}")
+    if not (cfg.mesh.data == -1 or cfg.mesh.data > 0):
+        raise bad("mesh.data", "-1 (all devices left over) or > 0")
+    if cfg.data.seq_len < 2:
+        raise bad("data.seq_len", ">= 2")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise bad("model.num_heads", f"a divisor of model.hidden_size={cfg.model.hidden_size}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise bad("train.grad_accum", f"a divisor of train.batch_size={cfg.train.batch_size}")
+    if cfg.data.seq_len > cfg.model.max_position:
+        raise bad("data.seq_len", f"<= model.max_position={cfg.model.max_position}")
+    return cfg
 
 
 def from_dict(raw: dict, source: str = "<config>") -> Config:
@@ -193,7 +240,7 @@ def from_dict(raw: dict, source: str = "<config>") -> Config:
         if not isinstance(values, dict):
             raise JaxfoundError(f"{source}: section '{name}' must be a mapping of keys, got {values!r}")
         sections[name] = _build(_SECTION_TYPES[name], values, name + ".", source)
-    return Config(**sections)
+    return validate(Config(**sections), source)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -227,7 +274,8 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise JaxfoundError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # ReaderError has no .problem
+        raise JaxfoundError(f"{where}: invalid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise JaxfoundError(f"{path}: not UTF-8 text") from None
     return raw if raw is not None else {}
@@ -243,7 +291,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for text in overrides:
         (section, key), value = parse_override(text)
         if section not in _SECTION_TYPES:
-            raise JaxfoundError(f"override '{text}': unknown section '{section}' (allowed: {', '.join(_SECTION_TYPES)})")
+            raise JaxfoundError(f"override '{text}': unknown section '{section}' "
+                                f"(allowed: {', '.join(_SECTION_TYPES)})")
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
         raw[section][key] = value

@@ -32,6 +32,7 @@ from jaxfound.data.conll import read_conll, tag_spans
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
+from jaxfound.quant.checkpoint import META_FILE as QUANT_META
 from jaxfound.sharding import LOGICAL_RULES, activation_sharding, global_batch, make_mesh
 from jaxfound.tasks import get_task
 
@@ -345,7 +346,7 @@ class FinetunedRun:
 
 
 def load_run(run_dir) -> FinetunedRun:
-    """Everything `finetune` saved in a run dir: config, labels, tokenizer and the best params."""
+    """Everything `finetune` saved in a run dir: config, labels, tokenizer and the best params (int8 if quantized)."""
     run_dir = Path(run_dir)
     cfg = from_dict(ckpt.read_config(run_dir), source=str(run_dir / "config.json"))
     task = get_task(cfg.train.task)
@@ -354,7 +355,12 @@ def load_run(run_dir) -> FinetunedRun:
         raise JaxfoundError(f"{run_dir}: not a fine-tuned run (needs labels.json and train.task ner or cls)")
     labels = json.loads(labels_file.read_text())
     model = build_model(cfg.model, task.head)
-    params = ckpt.load_params(run_dir / "best")
+    if (run_dir / QUANT_META).is_file():  # written by `jaxfound quantize`: int8 kernels + scales, no best/
+        from jaxfound.quant.run import load_quantized_params
+
+        params = load_quantized_params(run_dir)
+    else:
+        params = ckpt.load_params(run_dir / "best")
     return FinetunedRun(cfg, task, model, params, load_tokenizer(str(run_dir / "tokenizer")), labels)
 
 

@@ -145,7 +145,10 @@ def _exclusion(g: ig.Graph, v: ig.Vertex, base_v: ig.Vertex, base: str) -> str |
         return "an earlier merge: its sources are considered themselves"
     root = G.root_model(g, name)
     if root != base:
-        return f"another base: descends from '{root}', not '{base}'" if root else "merged across several bases"
+        other = f"another base: descends from '{root}', not '{base}'" if root else "merged across several bases"
+        if G._get(v, "signature") != G._get(base_v, "signature"):
+            other += " (and another trunk signature: another size or vocabulary)"
+        return other
     if G._get(v, "arch") != G._get(base_v, "arch"):
         return f"architecture '{G._get(v, 'arch')}' differs from the base's '{G._get(base_v, 'arch')}'"
     if G._get(v, "signature") != G._get(base_v, "signature"):
