@@ -217,6 +217,28 @@ def _graph(p):
     return run
 
 
+@verb("export", "write a fine-tuned (or merged) run dir as a transformers directory (safetensors + tokenizer)")
+def _export(p):
+    p.add_argument("--run", required=True, help="run dir written by `jaxfound finetune` or `jaxfound merge`")
+    p.add_argument("--out", required=True, help="directory that transformers' from_pretrained will load")
+
+    def run(args):
+        import jax
+        import numpy as np
+
+        from jaxfound.finetune import load_run
+        from jaxfound.interop.hf import save_pretrained
+
+        loaded = load_run(args.run)
+        if any(np.dtype(x.dtype) == np.int8 for x in jax.tree.leaves(loaded.params)):
+            raise JaxfoundError(f"{args.run} is int8-quantized; export the float run it came from")
+        out = save_pretrained(args.out, loaded.model, loaded.params, tokenizer=loaded.tokenizer,
+                              id2label=loaded.labels)
+        print(f"wrote {out} (load it with transformers' from_pretrained)")
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxfound", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="verb")
@@ -236,14 +258,29 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return args._runners[args.verb](args) or 0
+        code = args._runners[args.verb](args) or 0
     except JaxfoundError as e:
         one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"jaxfound {args.verb}: error: {one_line}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    _exit_if_distributed(code)
+    return code
+
+
+def _exit_if_distributed(code: int) -> None:
+    """After jax.distributed a process can hang at interpreter exit: flush and leave explicitly."""
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        jax.distributed.shutdown()
+        os._exit(code)
 
 
 def print_json(obj) -> None:

@@ -325,6 +325,9 @@ def finetune(cfg) -> dict:
             summary["reports"][name] = _headline(report)
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        from jaxfound.fusion.registry import register_finetune_run
+
+        register_finetune_run(cfg, summary, best)  # a no-op unless run.registry is set
     return summary
 
 

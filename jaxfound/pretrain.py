@@ -59,4 +59,8 @@ def pretrain(cfg) -> dict:
                "corpus_tokens": data.num_tokens, "tokenizer": str(Path(cfg.run.dir) / "tokenizer")
                if not cfg.data.tokenizer else cfg.data.tokenizer},
     )
-    return fit(cfg, job)
+    summary = fit(cfg, job)
+    from jaxfound.fusion.registry import register_pretrain_run
+
+    register_pretrain_run(cfg, summary)  # a no-op unless run.registry is set
+    return summary

@@ -128,8 +128,8 @@ def initialize_distributed(mesh_cfg) -> None:
             num_processes=mesh_cfg.num_processes,
             process_id=mesh_cfg.process_id,
         )
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+    elif any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
+        jax.distributed.initialize()  # the cluster environment says who the coordinator is
 
 
 _ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("jaxfound_activation_mesh", default=None)

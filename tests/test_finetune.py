@@ -111,13 +111,12 @@ def test_cli_evaluate_and_predict(ner_run, capsys):
 
 
 def test_exported_model_matches_transformers(ner_run, tmp_path):
-    """save_pretrained -> BertForTokenClassification: the same logits (1e-4) and argmax."""
-    from jaxfound.interop.hf import save_pretrained
-
+    """`jaxfound export` -> BertForTokenClassification: the same logits (1e-4) and argmax."""
     run = load_run(ner_run["run"])
-    out = save_pretrained(tmp_path / "hf", run.model, run.params, tokenizer=run.tokenizer,
-                          id2label=dict(enumerate(run.labels)))
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--run", str(ner_run["run"]), "--out", str(out)]) == 0
     pt = transformers.BertForTokenClassification.from_pretrained(str(out)).eval()
+    assert transformers.AutoTokenizer.from_pretrained(str(out))("mary lives in rome")["input_ids"]
     sents = read_conll(ner_run["valid"])[:16]
     windows = ftdata.encode_words([s.words for s in sents], None, run.tokenizer, 32)
     [(_, batch)] = ftdata.eval_batches(windows, 16, 32, run.pad_id)

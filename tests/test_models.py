@@ -2,10 +2,10 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from jaxfound.config import ModelConfig
 from jaxfound.models import build_model

@@ -3,7 +3,13 @@
 import numpy as np
 
 from jaxfound.data.pipeline import (
-    ExampleStream, StreamSpec, batch_iterator, local_batch, mask_tokens, max_predictions, pack_documents,
+    ExampleStream,
+    StreamSpec,
+    batch_iterator,
+    local_batch,
+    mask_tokens,
+    max_predictions,
+    pack_documents,
 )
 from jaxfound.data.synthetic import synthetic_corpus
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxfound.data.corpus import read_documents
@@ -41,8 +42,15 @@ def prepare_pretraining(cfg, run_dir: str) -> PretrainData:
         tokenizer = load_tokenizer(data.tokenizer)
     elif (tok_dir / "tokenizer.json").exists():  # a resumed run reuses its own tokenizer
         tokenizer = load_tokenizer(str(tok_dir))
-    else:
+    elif jax.process_count() == 1:
         tokenizer = train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
+    else:  # one process trains and saves, the others load the same files (the run dir is shared storage)
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
+        multihost_utils.sync_global_devices("jaxfound_tokenizer_trained")
+        tokenizer = load_tokenizer(str(tok_dir))
     vocab_size = cfg.model.vocab_size or _round_up(len(tokenizer))
     if vocab_size < len(tokenizer):
         raise JaxfoundError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")

@@ -25,6 +25,7 @@ from jaxfound.fusion import graph as G
 
 GENERIC_STEMS = ("train", "input", "valid", "dev", "test", "data", "corpus")
 GENERIC_DIRS = ("model", "best", "hf", "checkpoints")
+RECORDED_METRICS = ("f1", "token_micro_f1", "accuracy", "macro_f1", "eval_loss")  # headline metrics only
 CONLL_KINDS = {-1: "ner", 3: "ner", 1: "pos", 2: "chunk"}
 
 
@@ -131,7 +132,7 @@ def _record_scores(g: ig.Graph, name: str, task: str, summary: dict) -> None:
     G._ensure(g, "task", task)
     for split, report in (summary.get("reports") or {}).items():
         for metric, value in report.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if metric in RECORDED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 G.record_score(g, name, task, metric, value, split)
 
 
@@ -268,6 +269,9 @@ def write_model(out: str | Path, template: LoadedModel, params: dict, extra: dic
     config = dict(template.config) if template.config else to_dict(Config(train=TrainConfig(task=template.task)))
     config["model"] = dataclasses.asdict(template.model_cfg)
     config["run"] = dict(config.get("run", {}), dir=str(out), registry=None)
+    data = dict(config.get("data", {}))
+    data["seq_len"] = min(data.get("seq_len", 128), template.model_cfg.max_position)  # validated against the model
+    config["data"] = data
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if template.labels is not None:
         (out / "labels.json").write_text(json.dumps(template.labels, indent=1))

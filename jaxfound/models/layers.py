@@ -63,9 +63,8 @@ class Embed(nn.Module):
     param_dtype: str = "float32"
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(init_normal, self.axes), (self.num, self.features), DTYPES[self.param_dtype]
-        )
+        init = nn.with_logical_partitioning(init_normal, self.axes)
+        self.embedding = self.param("embedding", init, (self.num, self.features), DTYPES[self.param_dtype])
 
     def __call__(self, ids):
         return jnp.take(self.embedding, ids, axis=0).astype(DTYPES[self.dtype])

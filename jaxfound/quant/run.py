@@ -79,8 +79,6 @@ def compare(run, qmodel, qparams, eval_file, rounds: int = 3) -> dict:
     from jaxfound.data import finetune as ftdata
     from jaxfound.sharding import global_batch, make_mesh
 
-    if not Path(eval_file).is_file():
-        raise JaxfoundError(f"--eval {eval_file}: file not found")
     task = run.task.name
     split = ft.read_split(eval_file, task, run.cfg.data, run.labels, run.tokenizer, run.cfg.data.seq_len)
     mesh = make_mesh(dataclasses.replace(run.cfg.mesh, data=-1, fsdp=1, tensor=1))
@@ -150,6 +148,8 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
         raise JaxfoundError(f"--checkpoint {checkpoint}: no config.json; expected a run dir written by "
                             "`jaxfound finetune` or `jaxfound merge`")
     _check_out(out, checkpoint)
+    if eval_file is not None and not Path(eval_file).is_file():
+        raise JaxfoundError(f"--eval {eval_file}: file not found")
     rules = check_rules(DEFAULT_RULES if rules is None else rules)
 
     run = ft.load_run(checkpoint)
@@ -157,6 +157,8 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
               **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules]}
     write_quantized_run(out, run, qparams, mode, {"source": str(checkpoint.resolve()), "rules": rules})
+    report |= {"metric_name": METRIC_NAMES[run.task.name][1], "metric_before": None, "metric_after": None,
+               "tokens_per_s_before": None, "tokens_per_s_after": None}  # measured only on an eval file
     if eval_file is not None:
         qmodel = build_model(dataclasses.replace(run.cfg.model, quant=mode), run.task.head)
         report |= compare(run, qmodel, jax.device_put(qparams), eval_file, rounds)
@@ -177,7 +179,7 @@ def format_table(report: dict) -> str:
     rows = [("all params", _mb(report["bytes_before"]), _mb(report["bytes_after"]), f"{report['ratio']:.2f}x smaller"),
             (f"quantized tensors ({report['quantized_layers']})", _mb(report["quantized_bytes_before"]),
              _mb(report["quantized_bytes_after"]), f"{report['quantized_ratio']:.2f}x smaller")]
-    if "metric_before" in report:
+    if report.get("metric_before") is not None:
         pct = lambda key: f"{100 * report[key]:.2f}"  # noqa: E731  (entity F1 and accuracy are fractions)
         rows += [(f"{report['metric_name']} (%)", pct("metric_before"), pct("metric_after"),
                   f"{100 * report['metric_delta']:+.2f} pts"),
@@ -187,7 +189,7 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
-    if "eval_file" in report:
+    if report.get("eval_file"):
         lines.append(f"eval: {report['eval_file']} ({report['eval_tokens']:,} real tokens, {report['eval_batches']} "
                      f"length-sorted batches, {report['throughput_rounds']} timed passes, float and int8 alternating)")
     lines.append(f"wrote {Path(report['out']) / PARAMS_FILE} and {Path(report['out']) / REPORT_FILE}")
