@@ -227,6 +227,9 @@ def from_dict(data: Mapping, source: str = "<dict>") -> ig.Graph:
     """Rebuild a graph from to_dict's form; every problem names source and the offending entry."""
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise JaxfoundError(f"{source}: not a jaxfound graph (expected an object with \"format\": \"{FORMAT}\")")
+    for key in ("vertices", "edges"):
+        if not isinstance(data.get(key, []), list):
+            raise JaxfoundError(f"{source}: '{key}' must be a list, got {type(data[key]).__name__}")
     g = new_graph()
     for i, v in enumerate(data.get("vertices", [])):
         if not isinstance(v, Mapping) or "name" not in v or "kind" not in v:
@@ -275,9 +278,11 @@ def load(registry_dir: str | os.PathLike, create: bool = False) -> ig.Graph:
             return new_graph()
         raise JaxfoundError(f"{path}: no knowledge graph here; pass create=True to start an empty one")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise JaxfoundError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise JaxfoundError(f"{path}: not UTF-8 text (byte {e.start}); a registry graph is a JSON file") from None
     return from_dict(data, str(path))
 
 

@@ -163,6 +163,14 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
         qmodel = build_model(dataclasses.replace(run.cfg.model, quant=mode), run.task.head)
         report |= compare(run, qmodel, jax.device_put(qparams), eval_file, rounds)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    if run.cfg.run.registry:  # the source is registered: record the int8 copy beside it (quantized_from)
+        from jaxfound.fusion.registry import register_quantize_run
+
+        scores = [] if report["metric_after"] is None else [
+            (f"{Path(eval_file).parent.name}/{run.task.name}", report["metric_name"], Path(eval_file).stem,
+             float(report["metric_after"]))]
+        register_quantize_run(run.cfg.run.registry, out.resolve().name, str(out.resolve()),
+                              str(checkpoint.resolve()), f"int8-{mode}", scores)
     return report
 
 

@@ -195,7 +195,8 @@ def fit(cfg, job: Job) -> dict:
         """train.nonfinite=stop: checkpoint the current state (the bad update was not applied) and raise."""
         bar.close()
         ckpt.finish(mngr)
-        ckpt.save(mngr, step, state, iterator, config_dict, force=True)
+        if mngr.latest_step() != step:  # (a SIGTERM save may already hold this step)
+            ckpt.save(mngr, step, state, iterator, config_dict, force=True)
         ckpt.finish(mngr, close=True)
         raise JaxfoundError(
             f"step {bad_step}: loss or gradient is NaN/inf (train.nonfinite=stop); its update was not applied and "
