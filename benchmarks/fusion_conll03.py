@@ -12,7 +12,7 @@
    an incompatible one (a smaller BERT fine-tuned on NER from scratch): the plan for NER must leave them out; the
    plan's merge is compared with uniformly merging every compatible model. The graph is rendered to PNG.
 Writes OUT/fusion_conll03.json, OUT/graph.png, OUT/registry/graph.json; prints tables. The CoNLL files are read
-from /work/shared/data (subsets with --limit are written under OUT, never into the repo).
+from ../shared/data (subsets with --limit are written under OUT, never into the repo).
 """
 
 from __future__ import annotations
