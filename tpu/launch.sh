@@ -12,14 +12,9 @@ CONFIG="configs/bert_base_mlm.yaml"
 usage() { sed -n '3,6p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --config) CONFIG="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option $1 (overrides go after --; see --help)" ;;
+    *) common_option "$@"; shift "$SHIFT" ;;
   esac
 done
 

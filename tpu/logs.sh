@@ -11,14 +11,9 @@ OUT="logs"
 usage() { sed -n '3,4p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
+    *) common_option "$@"; shift "$SHIFT" ;;
   esac
 done
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer, got '$WORKERS'"

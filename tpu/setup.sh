@@ -8,14 +8,7 @@ source "$(dirname "$0")/common.sh"
 
 usage() { sed -n '3,4p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --name) NAME="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
+  common_option "$@"; shift "$SHIFT"
 done
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
