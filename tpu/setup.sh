@@ -16,7 +16,8 @@ TARBALL="${TMPDIR:-/tmp}/jaxfound-src.tar.gz"
 gcloud_flags
 
 # The source without runs, caches or virtual environments.
-run tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=runs --exclude=.venv --exclude=__pycache__ .
+run tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=runs --exclude=.venv --exclude=venv --exclude=.ci-venv \
+  --exclude=__pycache__ --exclude=.pytest_cache .
 run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:jaxfound-src.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"
 install="rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/jaxfound-src.tar.gz -C ~/$REMOTE_DIR"
 install+=" && python3 -m venv ~/$REMOTE_VENV && ~/$REMOTE_VENV/bin/pip install -q -U pip"
