@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
+    eval_at_start: bool = True  # score the untrained model at step 0 (the baseline of every curve)
     eval_batches: int = 8
     lr: float = 1e-3
     warmup_steps: int = 30

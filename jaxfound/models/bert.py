@@ -28,10 +28,17 @@ class BertLayer(nn.Module):
     cfg: object
 
     @nn.compact
-    def __call__(self, h_BxLxD, mask, deterministic: bool):
+    def __call__(self, h_BxLxD, mask, deterministic: bool, positions_BxP=None):
+        """positions_BxP: compute outputs only at these rows (B, P, D); keys and values still use every row."""
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout)
-        a_BxLxD = SelfAttention(cfg, name="attention")(h_BxLxD, mask)
+        h_query = None
+        if positions_BxP is not None:
+            h_query = jnp.take_along_axis(h_BxLxD, positions_BxP[..., None], axis=1)
+            if mask is not None and mask.shape[2] > 1:  # (B, 1, L, L) -> the query rows (B, 1, P, L)
+                mask = jnp.take_along_axis(mask, positions_BxP[:, None, :, None], axis=2)
+        a_BxLxD = SelfAttention(cfg, name="attention")(h_BxLxD, mask, h_query)
+        h_BxLxD = h_BxLxD if h_query is None else h_query
         h_BxLxD = layer_norm(cfg, "attention_ln")(h_BxLxD + drop(a_BxLxD, deterministic=deterministic))
         m_BxLxD = MLP(cfg, name="mlp")(h_BxLxD)
         h_BxLxD = layer_norm(cfg, "mlp_ln")(h_BxLxD + drop(m_BxLxD, deterministic=deterministic))
@@ -45,7 +52,9 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids_BxL, attention_mask_BxL=None, token_type_ids_BxL=None, segment_ids_BxL=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, output_positions_BxP=None):
+        """output_positions_BxP: the last layer computes only these rows -> (B, P, D) (exact: no later layer
+        reads the others; at 15% masking this skips most of the last layer's work)."""
         cfg = self.cfg
         L = ids_BxL.shape[1]
         if token_type_ids_BxL is None:
@@ -62,7 +71,9 @@ class BertEncoder(nn.Module):
         mask = attention_mask(attention_mask_BxL, segment_ids_BxL)
         block = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
         for i in range(cfg.num_layers):
-            h_BxLxD = block(cfg, name=f"layer_{i}")(h_BxLxD, mask, deterministic)
+            last = i == cfg.num_layers - 1
+            h_BxLxD = block(cfg, name=f"layer_{i}")(h_BxLxD, mask, deterministic,
+                                                     output_positions_BxP if last else None)
         return h_BxLxD
 
 
@@ -78,12 +89,11 @@ class Bert(nn.Module):
         """masked_positions (B, P): MLM logits only at those positions (B, P, V), else at all (B, L, V)."""
         cfg = self.cfg
         encoder = BertEncoder(cfg, name="bert")
-        h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic)
+        mlm_positions = masked_positions if self.head == "mlm" else None
+        h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic, mlm_positions)
         if self.head == "none":
             return h_BxLxD
-        if self.head == "mlm":
-            if masked_positions is not None:
-                h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[..., None], axis=1)
+        if self.head == "mlm":  # with masked_positions, h is already (B, P, D)
             x = ACTIVATIONS[cfg.activation](dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(h_BxLxD))
             x = layer_norm(cfg, "transform_ln")(x)
             word = nn.unbox(encoder.variables["params"]["word"]["embedding"])

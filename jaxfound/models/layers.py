@@ -100,17 +100,20 @@ class SelfAttention(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, h_BxLxD, mask):
+    def __call__(self, h_BxLxD, mask, h_query_BxQxD=None):
+        """h_query_BxQxD: attend from these rows only (default: every row of h_BxLxD); mask is then (B, 1, Q, L)."""
         cfg = self.cfg
         B, L, D = h_BxLxD.shape
         N = cfg.num_heads
-        def heads(name):
-            x = dense(cfg, D, ("embed", "heads"), name)(h_BxLxD).reshape(B, L, N, D // N)
+        h_query_BxQxD = h_BxLxD if h_query_BxQxD is None else h_query_BxQxD
+        def heads(name, x_BxTxD):
+            x = dense(cfg, D, ("embed", "heads"), name)(x_BxTxD).reshape(B, x_BxTxD.shape[1], N, D // N)
             return constrain(x, ("act_batch", "act_len", "act_heads", None))
-        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = heads("query"), heads("key"), heads("value")
-        out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=self.causal)
-        out_BxLxD = out_BxLxNxH.reshape(B, L, D)
-        return dense(cfg, D, ("heads", "embed"), "out")(out_BxLxD)
+        q_BxQxNxH = heads("query", h_query_BxQxD)
+        k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
+        out_BxQxNxH = jax.nn.dot_product_attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=self.causal)
+        out_BxQxD = out_BxQxNxH.reshape(B, -1, D)
+        return dense(cfg, D, ("heads", "embed"), "out")(out_BxQxD)
 
 
 class MLP(nn.Module):

@@ -203,7 +203,7 @@ def fit(cfg, job: Job) -> dict:
             f"the last good state is saved at step {step} in {run_dir}/checkpoints; "
             "lower train.lr or check the data, or set train.nonfinite=skip")
 
-    if step == 0 and job.total_steps > 0:  # the untrained model's held-out score: the baseline of every curve
+    if step == 0 and job.total_steps > 0 and cfg.train.eval_at_start:  # the untrained model: every curve's baseline
         ev0 = job.evaluate(state.params, 0)
         record({"step": 0, **ev0})
         bar.write("step 0: " + "  ".join(f"{k}={v:.4g}" for k, v in ev0.items() if isinstance(v, (int, float))))

@@ -86,15 +86,19 @@ def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int =
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = sums["loss_sum"] / count
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # a NaN/inf batch leaves params and optimizer state untouched; the driver decides skip or stop
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # a NaN/inf batch leaves params and optimizer state untouched; the driver decides skip or stop.
+    # (lax.cond rather than a jnp.where over every leaf: the select costs a full extra pass and copies)
+    new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
     )
     metrics = {
