@@ -94,6 +94,7 @@ class TrainConfig:
     eps: float = 1e-6
     clip_norm: float = 1.0  # 0 disables clipping
     nonfinite: str = _choice("skip", "skip", "stop")  # what a NaN/inf loss or gradient does
+    freeze: str = _choice("none", "none", "trunk")  # trunk: train only the head (linear probe, head re-fit)
 
 
 @dataclass(frozen=True)

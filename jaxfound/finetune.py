@@ -75,10 +75,10 @@ def read_split(path, task: str, data_cfg, labels: list[str] | None, tokenizer, s
 
 
 def _graft(fresh: dict, trunk: dict, source: str) -> dict:
-    """The fresh params with every part the pretrained model has (trunk, pooler) taken from it."""
+    """The fresh params with every part the pretrained model has (trunk, pooler, a head it keeps) taken from it."""
     out = dict(fresh)
     for key, value in trunk.items():
-        if key in ("bert", "gpt", "pooler") and key in fresh:
+        if key in fresh:
             want = jax.tree.map(lambda x: tuple(x.shape), fresh[key])
             got = jax.tree.map(lambda x: tuple(np.shape(x)), value)
             if want != got:
@@ -108,21 +108,30 @@ def _hf_base(path: str, head: str, labels: list[str], model_cfg):
     return cfg, trunk
 
 
-def _run_base(run_dir: Path, labels: list[str], model_cfg):
-    """(ModelConfig, params) from a jaxfound pretraining run: its config.json and latest checkpoint."""
+def _run_base(run_dir: Path, head: str, labels: list[str], model_cfg):
+    """(ModelConfig, params) from a jaxfound run dir: a pretraining run (its latest checkpoint: the trunk), or a
+    fine-tuned / merged one (its best/ params; the head too when its task and labels are the same, so that
+    training continues from it, e.g. re-fitting the head of a merged model with train.freeze=trunk)."""
     import orbax.checkpoint as ocp
 
+    from jaxfound.tasks import get_task
+
     saved = from_dict(ckpt.read_config(run_dir), source=str(run_dir / "config.json"))
-    mngr = ckpt.manager(run_dir, async_save=False)
-    step = mngr.latest_step()
-    if step is None:
-        raise JaxfoundError(f"{run_dir}/checkpoints: no checkpoint to start from (run `jaxfound pretrain` first)")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    params = restored["state"]["params"]
+    labels_file = run_dir / "labels.json"
+    if labels_file.is_file() and (run_dir / "best").exists():
+        params = ckpt.load_params(run_dir / "best")
+        same = get_task(saved.train.task).head == head and json.loads(labels_file.read_text()) == labels
+    else:
+        mngr = ckpt.manager(run_dir, async_save=False)
+        step = mngr.latest_step()
+        if step is None:
+            raise JaxfoundError(f"{run_dir}/checkpoints: no checkpoint to start from (run `jaxfound pretrain` first)")
+        params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+        mngr.close()
+        same = False
     cfg = dataclasses.replace(saved.model, num_labels=len(labels), dtype=model_cfg.dtype,
                               param_dtype=model_cfg.param_dtype, remat=model_cfg.remat, init=str(run_dir))
-    return cfg, {k: v for k, v in params.items() if k in ("bert", "gpt")}
+    return cfg, dict(params) if same else {k: v for k, v in params.items() if k in ("bert", "gpt")}
 
 
 def load_base(cfg, head: str, labels: list[str]):
@@ -136,15 +145,15 @@ def load_base(cfg, head: str, labels: list[str]):
         vocab = -(-len(tok) // 128) * 128
         return dataclasses.replace(cfg.model, vocab_size=vocab, num_labels=len(labels)), {}, tok
     path = Path(init)
-    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        model_cfg, params = _run_base(path, labels, cfg.model)
+    if (path / "config.json").is_file() and ((path / "checkpoints").is_dir() or (path / "best").is_dir()):
+        model_cfg, params = _run_base(path, head, labels, cfg.model)
         tok = load_tokenizer(str(path / "tokenizer")) if not cfg.data.tokenizer else load_tokenizer(cfg.data.tokenizer)
     elif (path / "config.json").is_file():
         model_cfg, params = _hf_base(str(path), head, labels, cfg.model)
         tok = load_tokenizer(cfg.data.tokenizer or str(path))
     else:
         raise JaxfoundError(f"model.init={init}: not a transformers dir (config.json + model.safetensors) "
-                            "nor a jaxfound run dir (config.json + checkpoints/)")
+                            "nor a jaxfound run dir (config.json + checkpoints/ or best/)")
     return model_cfg, params, tok
 
 
@@ -253,6 +262,9 @@ def finetune(cfg) -> dict:
         labels = sorted(set(ftdata.read_table(cfg.data.train, cfg.data.text_column, cfg.data.label_column)[1]))
     if len(labels) < 2:
         raise JaxfoundError(f"{cfg.data.train}: only {len(labels)} distinct label(s) {labels}; need at least 2")
+    if cfg.train.freeze == "trunk" and cfg.model.init is None:
+        raise JaxfoundError("train.freeze=trunk trains only the head, so model.init must give a trained trunk "
+                            "(a transformers dir or a jaxfound run dir)")
     model_cfg, pretrained, tokenizer = load_base(cfg, task.head, labels)
     if seq_len > model_cfg.max_position:
         raise JaxfoundError(f"data.seq_len={seq_len} exceeds the model's {model_cfg.max_position} positions; "

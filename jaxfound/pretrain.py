@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxfound.data.pipeline import batch_iterator, local_batch
 from jaxfound.data.pretrain import prepare_pretraining
+from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
 from jaxfound.sharding import global_batch, initialize_distributed, make_mesh
 from jaxfound.tasks import get_task
@@ -39,6 +40,8 @@ def make_pretrain_evaluate(model, task, mesh, param_shardings, valid, batch_size
 
 def pretrain(cfg) -> dict:
     """Read the corpus, build the model and train it with fit(); returns the run summary."""
+    if cfg.train.freeze != "none":
+        raise JaxfoundError(f"train.freeze={cfg.train.freeze} is for fine-tuning; pretraining trains every parameter")
     initialize_distributed(cfg.mesh)  # before anything touches jax.devices() (make_mesh below)
     task = get_task(cfg.train.task, cfg.model.arch)
     data = prepare_pretraining(cfg, cfg.run.dir)

@@ -130,6 +130,34 @@ def test_exported_model_matches_transformers(ner_run, tmp_path):
     assert pt.config.id2label[0] == "B-LOC"
 
 
+def test_continue_from_a_finetuned_run_keeps_its_head_and_freeze_trunk_trains_only_the_head(ner_run, tmp_path):
+    """model.init = a fine-tuned run with the same labels -> training starts from its head (step-0 valid F1 = its
+    best valid F1); train.freeze=trunk leaves every trunk param bitwise unchanged (no update, no weight decay)
+    while the head moves."""
+    import jax
+
+    from jaxfound import checkpoint as ckpt
+    from jaxfound.fusion.registry import _latest_params
+
+    cfg = load_config(None, [
+        f"run.dir={tmp_path / 'refit'}", f"model.init={ner_run['run']}", f"data.train={ner_run['valid']}",
+        f"data.valid={ner_run['valid']}", "data.seq_len=32", "train.task=ner", "train.epochs=1",
+        "train.batch_size=16", "train.lr=1e-2", "train.freeze=trunk", "checkpoint.every=0", "model.dropout=0.0",
+    ])
+    summary = finetune(cfg)
+    assert summary["first_eval"]["f1"] == pytest.approx(ner_run["summary"]["reports"]["valid"]["f1"])
+    before = ckpt.load_params(ner_run["run"] / "best")
+    last = _latest_params(tmp_path / "refit")  # the state after the last step
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), last["bert"],
+                 before["bert"])
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(last["classifier"]), jax.tree.leaves(before["classifier"]))]
+    assert min(moved) > 1e-4
+    with pytest.raises(JaxfoundError, match="train.freeze"):
+        finetune(load_config(None, [f"run.dir={tmp_path / 'x'}", "train.task=ner", "train.freeze=trunk",
+                                    f"data.train={ner_run['valid']}", f"data.tokenizer={ner_run['base']}"]))
+
+
 def test_finetune_cls_beats_chance(tmp_path):
     base = tiny_bert_dir(tmp_path / "base", "BertModel")
     cfg = load_config(Path(__file__).parent.parent / "configs" / "cls_tiny.yaml", [

@@ -45,10 +45,10 @@ def test_sparse_last_layer_is_exact_with_masks_remat_and_gradients():
     for remat in (False, True):
         model, params = _init(dataclasses.replace(CFG, remat=remat), "mlm")
         for kw in ({"segment_ids": seg}, {"attention_mask": am}):
-            def dense(p):
+            def dense(p, model=model, kw=kw):
                 return jnp.take_along_axis(model.apply({"params": p}, ids, **kw), pos[..., None], axis=1)
 
-            def sparse(p):
+            def sparse(p, model=model, kw=kw):
                 return model.apply({"params": p}, ids, masked_positions=pos, **kw)
             np.testing.assert_allclose(sparse(params), dense(params), atol=1e-5)
             g_dense = jax.grad(lambda p: jnp.sum(jnp.tanh(dense(p))))(params)
@@ -96,3 +96,22 @@ def test_remat_gives_the_same_gradients():
     g1 = jax.grad(loss(model))(params)
     g2 = jax.grad(loss(remat))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+def test_dropout_rate_mean_and_determinism():
+    """16-bit dropout: drops ~rate of the entries, keeps the mean (inverted scaling), same key -> same mask."""
+    from jaxfound.models.layers import Dropout, uniform_u16
+
+    x = jnp.ones((64, 32, 257))  # odd width: the last 32-bit word gives one used half
+    for rate in (0.1, 0.5):
+        y = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+        dropped = float(jnp.mean(y == 0))
+        assert abs(dropped - rate) < 4 * (rate * (1 - rate) / x.size) ** 0.5 + 1e-4
+        assert abs(float(jnp.mean(y)) - 1.0) < 0.01
+        kept = np.unique(np.asarray(y[y != 0]))
+        np.testing.assert_allclose(kept, 65536 / (65536 - round(rate * 65536)), rtol=1e-6)
+        again = Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+        np.testing.assert_array_equal(y, again)
+    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, True), x)
+    u = np.asarray(uniform_u16(jax.random.key(1), (1000, 33)), np.float64)
+    assert u.shape == (1000, 33) and abs(u.mean() / 65535 - 0.5) < 0.01  # uniform over [0, 65535]

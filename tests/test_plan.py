@@ -87,7 +87,7 @@ def _dist_score(ideal):
 
 
 def test_plan_leaves_out_incompatible_and_unrelated_models_with_reasons(g):
-    plan = plan_merge(g, NER)
+    plan = plan_merge(g, NER, "ties")
     assert plan.base == "base" and plan.metric == "f1" and plan.split == "valid"
     assert [c.name for c in plan.candidates] == ["ner-a", "ner-b", "ner-c", "pos"]
     reasons = dict(plan.excluded)
@@ -97,13 +97,23 @@ def test_plan_leaves_out_incompatible_and_unrelated_models_with_reasons(g):
     assert reasons["other-base"] == "another base: descends from 'other-base', not 'base'"
     assert reasons["shakespeare-mlm"].startswith("unrelated to 'conll/ner'")
     assert "tinyshakespeare" in reasons["shakespeare-mlm"]
-    # several tasks -> TIES at density 0.5; the rationale says why
     assert plan.method == "ties" and plan.params == {"lam": 1.0, "normalize": True, "density": 0.5}
-    assert "TIES" in plan.rationale and "left out wide-ner" in plan.describe()
+    assert "left out wide-ner" in plan.describe()
+
+
+def test_auto_picks_a_soup_of_target_fine_tunes_else_ties_with_related_tasks(g, zoo):
+    plan = plan_merge(g, NER)  # three NER fine-tunes -> their greedy soup; the POS model left out, with why
+    assert plan.method == "greedy_soup" and [c.name for c in plan.candidates] == ["ner-a", "ner-b", "ner-c"]
+    assert dict(plan.excluded)["pos"].startswith("auto: 3 fine-tunes of 'conll/ner' are soup material")
+    for name in ("ner-b", "ner-c"):  # one NER fine-tune left: the related POS model joins through TIES
+        g.delete_vertices(g.vs.find(name=name).index)
+    plan = plan_merge(g, NER)
+    assert plan.method == "ties" and [c.name for c in plan.candidates] == ["ner-a", "pos"]
+    assert "TIES" in plan.rationale and plan.params == {"lam": 1.0, "normalize": True, "density": 0.5}
 
 
 def test_coefficients_follow_the_documented_formula(g):
-    plan = plan_merge(g, NER, temperature=0.1)
+    plan = plan_merge(g, NER, "ties", temperature=0.1)
     # q: ner-a 0.80/0.80, ner-b 0.76/0.80, ner-c 0.70/0.80, pos 0.90/0.90; r: 1, 1, 1, 0.5
     raw = {"ner-a": math.exp(10.0), "ner-b": math.exp(9.5), "ner-c": math.exp(8.75), "pos": 0.5 * math.exp(10.0)}
     want = {k: v / sum(raw.values()) for k, v in raw.items()}

@@ -23,10 +23,12 @@ Coefficients (they sum to 1):
 so a fine-tune 5 points below its task's best weighs exp(-0.5) = 0.61 of it, and a related-task model half a
 target one of equal quality. weighting="uniform" gives c_i = 1/n (the uniform soup baseline).
 
-Method 'auto': candidates all on the target task -> greedy soup (Wortsman et al. 2022: one task and one head, so
-averaging whole models works, and the greedy pass drops an ingredient that lowers the validation score);
-candidates from several tasks -> TIES with density 0.5 (Yadav et al. 2023: task vectors of different tasks
-interfere; trimming small entries and electing signs limits that). The trunk is merged with the method; each
+Method 'auto': two or more fine-tunes of the target task -> greedy soup of those (Wortsman et al. 2022: one task
+and one head, so averaging whole models works, and the greedy pass drops an ingredient that lowers the validation
+score); related-task models are then left out with that reason (in benchmarks/fusion_conll03.py a TIES merge of
+NER with POS and chunk models scored well below the NER soup). One fine-tune of the target plus related-task
+models -> TIES with density 0.5 (Yadav et al. 2023: task vectors of different tasks interfere; trimming small
+entries and electing signs limits that). The trunk is merged with the method; each
 task's head is the coefficient-weighted average of that task's candidates' heads (renormalised within the task).
 """
 
@@ -213,6 +215,17 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
                             f"nothing to merge; left out: {excluded}")
     if not any(t == target_task for _, t, _, _ in picked):
         raise JaxfoundError(f"plan for '{target_task}': no compatible candidate is fine-tuned on it (no head)")
+
+    # ---- auto with >= 2 fine-tunes of the target: soup them, leave related-task models out ----
+    n_target = sum(t == target_task for _, t, _, _ in picked)
+    if method == "auto" and n_target >= 2 and n_target < len(picked):
+        for v, t, _, _ in picked:
+            if t != target_task:
+                excluded.append((v["name"], f"auto: {n_target} fine-tunes of '{target_task}' are soup material; "
+                                 f"a model of the related task '{t}' would need a task-vector merge, which scored "
+                                 "below the soup (benchmarks/fusion_conll03.py); ask for ties / task_arithmetic "
+                                 "to include it"))
+        picked = [p for p in picked if p[1] == target_task]
 
     # ---- Coefficients ----
     best_of = {}

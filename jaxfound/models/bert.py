@@ -13,6 +13,7 @@ from jaxfound.models.layers import (
     ACTIVATIONS,
     DTYPES,
     MLP,
+    Dropout,
     Embed,
     SelfAttention,
     attention_mask,
@@ -31,7 +32,7 @@ class BertLayer(nn.Module):
     def __call__(self, h_BxLxD, mask, deterministic: bool, positions_BxP=None):
         """positions_BxP: compute outputs only at these rows (B, P, D); keys and values still use every row."""
         cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         h_query = None
         if positions_BxP is not None:
             h_query = jnp.take_along_axis(h_BxLxD, positions_BxP[..., None], axis=1)
@@ -67,7 +68,7 @@ class BertEncoder(nn.Module):
                     name="token_type")(token_type_ids_BxL)
         )
         h_BxLxD = layer_norm(cfg, "embed_ln")(h_BxLxD)
-        h_BxLxD = constrain(nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
+        h_BxLxD = constrain(Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
         mask = attention_mask(attention_mask_BxL, segment_ids_BxL)
         block = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
         for i in range(cfg.num_layers):
@@ -102,7 +103,7 @@ class Bert(nn.Module):
             bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                               (cfg.vocab_size,), DTYPES[cfg.param_dtype])
             return constrain(logits + bias, ("act_batch", "act_len", "act_vocab"))
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         if self.head == "token_cls":
             h_BxLxD = drop(h_BxLxD, deterministic=deterministic)
             return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)

@@ -9,7 +9,17 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxfound.models.layers import DTYPES, MLP, Embed, SelfAttention, attention_mask, constrain, dense, layer_norm
+from jaxfound.models.layers import (
+    DTYPES,
+    MLP,
+    Dropout,
+    Embed,
+    SelfAttention,
+    attention_mask,
+    constrain,
+    dense,
+    layer_norm,
+)
 
 ACT = ("act_batch", "act_len", "act_embed")
 
@@ -20,7 +30,7 @@ class GPTBlock(nn.Module):
     @nn.compact
     def __call__(self, h_BxLxD, mask, deterministic: bool):
         cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout)
+        drop = Dropout(cfg.dropout)
         a_BxLxD = SelfAttention(cfg, causal=True, name="attention")(layer_norm(cfg, "ln_1")(h_BxLxD), mask)
         h_BxLxD = h_BxLxD + drop(a_BxLxD, deterministic=deterministic)
         m_BxLxD = MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(h_BxLxD))
@@ -38,7 +48,7 @@ class GPTDecoder(nn.Module):
         h_BxLxD = word(ids_BxL) + Embed(
             cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position"
         )(jnp.arange(L)[None])
-        h_BxLxD = constrain(nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
+        h_BxLxD = constrain(Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
         mask = attention_mask(attention_mask_BxL, segment_ids_BxL)
         block = nn.remat(GPTBlock, static_argnums=(3,)) if cfg.remat else GPTBlock
         for i in range(cfg.num_layers):

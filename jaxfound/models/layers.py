@@ -70,6 +70,31 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(DTYPES[self.dtype])
 
 
+def uniform_u16(rng, shape: tuple[int, ...]):
+    """Uniform uint16 of `shape`: each 32-bit random word gives two (half the RNG work of one draw per element)."""
+    D = shape[-1]
+    half = -(-D // 2)
+    words = jax.random.bits(rng, tuple(shape[:-1]) + (half,), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(tuple(shape[:-1]) + (2 * half,))[..., :D]
+
+
+class Dropout(nn.Module):
+    """Inverted dropout from 16-bit uniforms: drops with probability round(rate * 2^16) / 2^16 (within 8e-6 of rate)
+    and scales the kept by the exact inverse keep probability, so E[output] = input. Keys: the 'dropout' rng."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        threshold = round(self.rate * 65536)
+        if threshold >= 65536:
+            return jnp.zeros_like(x)
+        keep = uniform_u16(self.make_rng("dropout"), x.shape) >= threshold
+        return jnp.where(keep, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
+
+
 def layer_norm(cfg, name):
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps,

@@ -22,7 +22,7 @@ from jaxfound import checkpoint as ckpt
 from jaxfound.config import to_dict
 from jaxfound.errors import JaxfoundError
 from jaxfound.sharding import global_batch, initialize_distributed, make_mesh
-from jaxfound.train.optim import lr_schedule, make_optimizer
+from jaxfound.train.optim import TRUNKS, lr_schedule, make_optimizer
 from jaxfound.train.state import init_state, state_shardings
 from jaxfound.train.step import make_train_step
 
@@ -147,7 +147,9 @@ def fit(cfg, job: Job) -> dict:
     tx = make_optimizer(cfg.train, schedule_steps)
     schedule = lr_schedule(cfg.train, schedule_steps)
     shardings = state_shardings(job.model, tx, mesh, job.seq_len)
-    train_step = make_train_step(job.model, tx, job.task.loss, mesh, shardings, cfg.train.seed, cfg.train.grad_accum)
+    frozen = TRUNKS if cfg.train.freeze == "trunk" else ()
+    train_step = make_train_step(job.model, tx, job.task.loss, mesh, shardings, cfg.train.seed, cfg.train.grad_accum,
+                                 frozen)
     mngr = ckpt.manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     iterator = job.make_iterator()
 

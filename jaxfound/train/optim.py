@@ -6,6 +6,7 @@ import jax
 import optax
 
 NO_DECAY_NAMES = ("bias", "scale", "mlm_bias")  # LayerNorm scale/bias and every bias
+TRUNKS = ("bert", "gpt")  # the shared encoder / decoder; everything else is a task head
 
 
 def decay_mask(params):
@@ -36,6 +37,12 @@ def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
         b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
         weight_decay=train_cfg.weight_decay, mask=decay_mask,
     )
-    if train_cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(train_cfg.clip_norm), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(train_cfg.clip_norm), adamw) if train_cfg.clip_norm > 0 else adamw
+    if train_cfg.freeze == "trunk":  # no update and no optimizer state for the trunk (not even weight decay)
+        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels)
+    return tx
+
+
+def frozen_labels(params):
+    """'frozen' for every leaf of the trunk, 'train' for the head's (optax.multi_transform labels)."""
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in TRUNKS else "train", v) for k, v in params.items()}

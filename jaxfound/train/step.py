@@ -61,12 +61,16 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int = 1):
-    """One update: (state, batch) -> (state, metrics). Pure; dropout rng is a function of (seed, step)."""
+def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int = 1, frozen: tuple[str, ...] = ()):
+    """One update: (state, batch) -> (state, metrics). Pure; dropout rng is a function of (seed, step).
+
+    frozen: top-level param keys (e.g. the trunk 'bert') that get no gradient, so no backward pass runs through them.
+    """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def grad_sums(micro, rng):
         def f(params):
+            params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
             sums = loss_fn(model, params, micro, rng, True)
             return sums["loss_sum"], sums
         return jax.grad(f, has_aux=True)(state.params)
@@ -125,9 +129,10 @@ def _with_rules(fn, mesh):
     return wrapped
 
 
-def make_train_step(model, tx, loss_fn, mesh, shardings, seed: int, grad_accum: int = 1):
+def make_train_step(model, tx, loss_fn, mesh, shardings, seed: int, grad_accum: int = 1, frozen: tuple[str, ...] = ()):
     """train_step jitted with in/out shardings over the mesh and the state donated."""
-    fn = partial(train_step, model=model, tx=tx, loss_fn=loss_fn, seed=seed, grad_accum=grad_accum)
+    fn = partial(train_step, model=model, tx=tx, loss_fn=loss_fn, seed=seed, grad_accum=grad_accum,
+                 frozen=tuple(frozen))
     replicated = NamedSharding(mesh, P())
     return jax.jit(_with_rules(fn, mesh), in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
