@@ -104,6 +104,19 @@ def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def latest_params(run_dir: str | Path) -> dict:
+    """The params of run_dir's latest checkpoint (host arrays as saved; no train state, no iterator)."""
+    mngr = manager(run_dir, async_save=False)
+    step = mngr.latest_step()
+    if step is None:
+        mngr.close()
+        raise JaxfoundError(f"{run_dir}: no best/ params and no checkpoint under checkpoints/ to load params from "
+                            "(a finished `jaxfound pretrain` or `finetune` run has them)")
+    params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    mngr.close()
+    return params
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None):
     """Restore the newest loadable step -> (step, state, skipped) or (None, None, skipped).
 

@@ -112,8 +112,6 @@ def _run_base(run_dir: Path, head: str, labels: list[str], model_cfg):
     """(ModelConfig, params) from a jaxfound run dir: a pretraining run (its latest checkpoint: the trunk), or a
     fine-tuned / merged one (its best/ params; the head too when its task and labels are the same, so that
     training continues from it, e.g. re-fitting the head of a merged model with train.freeze=trunk)."""
-    import orbax.checkpoint as ocp
-
     from jaxfound.tasks import get_task
 
     saved = from_dict(ckpt.read_config(run_dir), source=str(run_dir / "config.json"))
@@ -122,13 +120,7 @@ def _run_base(run_dir: Path, head: str, labels: list[str], model_cfg):
         params = ckpt.load_params(run_dir / "best")
         same = get_task(saved.train.task).head == head and json.loads(labels_file.read_text()) == labels
     else:
-        mngr = ckpt.manager(run_dir, async_save=False)
-        step = mngr.latest_step()
-        if step is None:
-            raise JaxfoundError(f"{run_dir}/checkpoints: no checkpoint to start from (run `jaxfound pretrain` first)")
-        params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
-        mngr.close()
-        same = False
+        params, same = ckpt.latest_params(run_dir), False
     cfg = dataclasses.replace(saved.model, num_labels=len(labels), dtype=model_cfg.dtype,
                               param_dtype=model_cfg.param_dtype, remat=model_cfg.remat, init=str(run_dir))
     return cfg, dict(params) if same else {k: v for k, v in params.items() if k in ("bert", "gpt")}

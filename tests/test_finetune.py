@@ -137,7 +137,6 @@ def test_continue_from_a_finetuned_run_keeps_its_head_and_freeze_trunk_trains_on
     import jax
 
     from jaxfound import checkpoint as ckpt
-    from jaxfound.fusion.registry import _latest_params
 
     cfg = load_config(None, [
         f"run.dir={tmp_path / 'refit'}", f"model.init={ner_run['run']}", f"data.train={ner_run['valid']}",
@@ -147,7 +146,7 @@ def test_continue_from_a_finetuned_run_keeps_its_head_and_freeze_trunk_trains_on
     summary = finetune(cfg)
     assert summary["first_eval"]["f1"] == pytest.approx(ner_run["summary"]["reports"]["valid"]["f1"])
     before = ckpt.load_params(ner_run["run"] / "best")
-    last = _latest_params(tmp_path / "refit")  # the state after the last step
+    last = ckpt.latest_params(tmp_path / "refit")  # the state after the last step
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), last["bert"],
                  before["bert"])
     moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

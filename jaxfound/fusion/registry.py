@@ -197,7 +197,7 @@ def load_model(path: str | Path) -> LoadedModel:
         if (p / "best").exists():
             params = ckpt.load_params(p / "best")
         else:
-            params = _latest_params(p)
+            params = ckpt.latest_params(p)
         labels = json.loads((p / "labels.json").read_text()) if (p / "labels.json").is_file() else None
         tok = p / "tokenizer"
         return LoadedModel(str(p), cfg.model, task.head, task.name, params, labels,
@@ -210,18 +210,6 @@ def load_model(path: str | Path) -> LoadedModel:
     has_tok = any((p / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
     return LoadedModel(str(p), model.cfg, model.head, HEAD_TASK[model.head], params, labels,
                        str(p) if has_tok else None)
-
-
-def _latest_params(run_dir: Path) -> dict:
-    import orbax.checkpoint as ocp
-
-    mngr = ckpt.manager(run_dir, async_save=False)
-    step = mngr.latest_step()
-    if step is None:
-        raise JaxfoundError(f"{run_dir}: neither best/ nor a checkpoint under checkpoints/ to load params from")
-    params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
-    mngr.close()
-    return params
 
 
 def registry_loader(g: ig.Graph):
