@@ -5,7 +5,9 @@
 For the Dense shapes of all-MiniLM-L6-v2 (hidden 384, intermediate 1536) and BERT-base (768, 3072) at M tokens:
   xla f32         jnp.dot float32
   xla int8        lax.dot_general int8 x int8 -> int32 (what quant.int8.quantized_dot does in w8a8)
-  xla w8a8 op     the whole w8a8 Dense: per-token absmax -> int8, the int8 dot, rescale to float32
+  xla w8a8 op     the whole w8a8 Dense as XLA ops: per-token absmax -> int8, the int8 dot, rescale to float32
+  vnni w8a8 op    the same w8a8 Dense as jaxfound's AVX-512 VNNI kernel (quant/int8_dense.cc, what
+                  quantized_dot runs on such CPUs); absent where the kernel is unavailable
   torch f32       torch.matmul float32 (MKL / oneDNN)
   torch int8      torch dynamic int8 Linear (fbgemm, VNNI kernels): quantize activations, int8 GEMM, rescale
 Rates are in G(FL)OP/s (2*M*K*N per call); ratios are against xla f32 of the same shape, measured in one run.
@@ -49,13 +51,15 @@ def main(argv=None) -> int:
     import torch
     from jax import lax
 
-    from jaxfound.quant.int8 import quantized_dot
+    from jaxfound.quant import kernel
+    from jaxfound.quant.int8 import w8a8_dot_xla
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     f32 = jax.jit(lambda x, w: jnp.dot(x, w))
     i8 = jax.jit(lambda x, w: lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
-    w8a8 = jax.jit(lambda x, w, s: quantized_dot(x, w, s, "w8a8", jnp.float32))
+    w8a8 = jax.jit(w8a8_dot_xla)
+    vnni = jax.jit(kernel.w8a8_dense) if kernel.available() else None
     rows = []
     for M in args.tokens:
         for K, N in SHAPES:
@@ -74,12 +78,15 @@ def main(argv=None) -> int:
                  "xla_f32": rate(flops, n, lambda a, b: f32(a, b).block_until_ready(), xj, wj),
                  "xla_int8": rate(flops, n, lambda a, b: i8(a, b).block_until_ready(), xq, wq),
                  "xla_w8a8_op": rate(flops, n, lambda a, b, c: w8a8(a, b, c).block_until_ready(), xj, wq, scale)}
+            if vnni is not None:
+                r["vnni_w8a8_op"] = rate(flops, n, lambda a, b, c: vnni(a, b, c).block_until_ready(), xj, wq, scale)
             with torch.no_grad():
                 r["torch_f32"] = rate(flops, n, torch.matmul, xt, wt)
                 r["torch_int8_dynamic"] = rate(flops, n, qlin, xt)
             rows.append(r)
 
-    cols = ["xla_f32", "xla_int8", "xla_w8a8_op", "torch_f32", "torch_int8_dynamic"]
+    cols = ["xla_f32", "xla_int8", "xla_w8a8_op", "vnni_w8a8_op", "torch_f32", "torch_int8_dynamic"]
+    cols = [c for c in cols if c in rows[0]]
     print(f"G(FL)OP/s, median of {args.reps}; (x) = ratio to xla f32 of the same shape")
     print(f"{'M':>5} {'K':>5} {'N':>5} " + " ".join(f"{c:>20}" for c in cols))
     for r in rows:
