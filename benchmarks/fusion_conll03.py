@@ -6,7 +6,7 @@
 1. Soups: >= 4 NER fine-tunes (different seeds / lrs) -> greedy soup (KG plan, method greedy_soup) and the
    uniform soup vs the best individual (picked on valid), test entity F1.
 2. Multi-task: the best NER, a POS (tag_column=1) and a chunk (tag_column=2) fine-tune -> one merged trunk with
-   three heads (task arithmetic, lambda picked on valid; TIES, density 0.5): each task's test score as a
+   three heads (task arithmetic and TIES at density 0.5, each lambda picked on valid): each task's test score as a
    fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 = accuracy); then the
    same with each head re-fitted on the merged trunk (`finetune` with train.freeze=trunk, 1 epoch: the trunk
    stays bitwise the one merged trunk, checked).
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import minilm_dir, write_subset  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-NER_RUNS = [(1, 5e-5), (2, 5e-5), (3, 3e-5), (4, 8e-5)]  # (seed, lr)
+NER_RUNS = [(1, 1.0), (2, 1.0), (3, 0.6), (4, 1.6)]  # (seed, lr as a multiple of --lr)
 TASK_COLUMNS = {"ner": -1, "pos": 1, "chunk": 2}
 TASK_METRIC = {"ner": "f1", "pos": "token_micro_f1", "chunk": "f1"}
 
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="sentences per split (default: all)")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-5, help="fine-tune lr (POS, chunk; NER runs at 1, 1, 0.6, 1.6 x)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mlm-steps", type=int, default=100, help="continued-MLM steps of the unrelated model")
@@ -205,8 +206,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # ---- Fine-tunes (each registers itself in the graph) ----
-    runs = [finetune_run(args, conll, args.out / f"ner_s{s}", "ner", s, lr) for s, lr in NER_RUNS]
-    runs += [finetune_run(args, conll, args.out / t, t, 42, 5e-5) for t in ("pos", "chunk")]
+    runs = [finetune_run(args, conll, args.out / f"ner_s{s}", "ner", s, x * args.lr) for s, x in NER_RUNS]
+    runs += [finetune_run(args, conll, args.out / t, t, 42, args.lr) for t in ("pos", "chunk")]
     small = ["model.init=null", f"data.tokenizer={args.model}", "model.hidden_size=128", "model.num_layers=2",
              "model.num_heads=2", "model.intermediate_size=512", "train.lr=1e-3"]
     runs.append(finetune_run(args, conll, args.out / "ner_small_scratch", "ner", 7, 1e-3, small))
@@ -249,7 +250,10 @@ def main(argv=None) -> int:
     lams = {lam: np.mean(list(fractions(multi("task_arithmetic", lam=lam), "valid").values()))
             for lam in (0.3, 0.5, 0.7, 1.0)}
     lam = max(lams, key=lams.get)
-    ta, ties = multi("task_arithmetic", lam=lam), multi("ties", density=0.5)
+    ties_lams = {x: np.mean(list(fractions(multi("ties", density=0.5, lam=x), "valid").values()))
+                 for x in (0.7, 1.0, 1.5, 2.0)}
+    ties_lam = max(ties_lams, key=ties_lams.get)
+    ta, ties = multi("task_arithmetic", lam=lam), multi("ties", density=0.5, lam=ties_lam)
     ta_refit = refit_heads(args, conll, ta, task_runs, "ta")
     ties_refit = refit_heads(args, conll, ties, task_runs, "ties")
     single_refit = refit_heads(args, conll, single, task_runs, "single")  # control: the same head training
@@ -257,13 +261,15 @@ def main(argv=None) -> int:
         "single_test": {t: score(t, "test", single[t]) for t in order},
         "single_refit_test": {t: score(t, "test", single_refit[t]) for t in order},
         f"task_arithmetic (lambda={lam}, picked on valid)": fractions(ta, "test"),
-        "ties (density 0.5)": fractions(ties, "test"),
+        f"ties (density 0.5, lambda={ties_lam}, picked on valid)": fractions(ties, "test"),
         f"task_arithmetic (lambda={lam}) + heads re-fitted": fractions(ta_refit, "test"),
-        "ties (density 0.5) + heads re-fitted": fractions(ties_refit, "test"),
+        f"ties (density 0.5, lambda={ties_lam}) + heads re-fitted": fractions(ties_refit, "test"),
         f"task_arithmetic (lambda={lam}) + heads re-fitted / single + heads re-fitted":
             fractions(ta_refit, "test", single_refit),
-        "ties (density 0.5) + heads re-fitted / single + heads re-fitted": fractions(ties_refit, "test", single_refit),
+        f"ties (density 0.5, lambda={ties_lam}) + heads re-fitted / single + heads re-fitted":
+            fractions(ties_refit, "test", single_refit),
         "task_arithmetic_valid_by_lambda": lams,
+        "ties_valid_by_lambda": ties_lams,
         "refit": {"lr": args.refit_lr, "epochs": args.refit_epochs},
     }
 
@@ -306,7 +312,8 @@ def print_tables(out: dict) -> None:
     print(f"{'single-task + heads re-fitted (absolute)':<70} "
           + " ".join(f"{v:>7.4f}" for v in m["single_refit_test"].values()))
     for k, v in m.items():
-        if k not in ("single_test", "single_refit_test", "task_arithmetic_valid_by_lambda", "refit"):
+        if k not in ("single_test", "single_refit_test", "task_arithmetic_valid_by_lambda", "ties_valid_by_lambda",
+                     "refit"):
             print(f"{k:<70} " + " ".join(f"{x:>7.3f}" for x in v.values()))
     kg = out["kg"]
     print(f"\n== KG-guided NER merge (plan: {kg['method']}) ==")
