@@ -193,11 +193,18 @@ def main(argv=None) -> int:
     files = {k: write_subset(Path(args.data) / f"{k}.txt", tmp / f"{k}.txt", args.limit)
              for k in ("train", "valid", "test")}
     results = []
+
+    def keep(result: dict) -> None:  # written after every run: a long benchmark stopped midway keeps what finished
+        results.append(result)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "partial": True}, indent=2))
+
     for seed in args.seeds:
         if args.only in (None, "jax"):
-            results.append(run_jax(files, args, seed, tmp / f"jax_run_{seed}"))
+            keep(run_jax(files, args, seed, tmp / f"jax_run_{seed}"))
         if args.only in (None, "torch"):
-            results.extend(run_torch(files, args, seed, kind) for kind in args.torch_order)
+            for kind in args.torch_order:
+                keep(run_torch(files, args, seed, kind))
     return report(results, args.torch_order, {k: v for k, v in vars(args).items()}, args.out)
 
 
