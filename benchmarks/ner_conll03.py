@@ -218,9 +218,11 @@ def report(results: list[dict], torch_orders, run_args: dict, out_path: str) -> 
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table))
     out = {"args": run_args, "results": results}
-    jax_t = [r["seconds_fit"] for r in results if r["side"] == "jaxfound"]
+    # wall clock from runs that had the machine to themselves (a combined result may mark one as not comparable)
+    quiet = [r for r in results if not r.get("seconds_not_comparable")]
+    jax_t = [r["seconds_fit"] for r in quiet if r["side"] == "jaxfound"]
     for kind in torch_orders:
-        torch_t = [r["seconds_fit"] for r in results if r["side"] == f"pytorch ({kind})"]
+        torch_t = [r["seconds_fit"] for r in quiet if r["side"] == f"pytorch ({kind})"]
         if jax_t and torch_t:
             ratio = float(np.mean(jax_t) / np.mean(torch_t))
             out[f"wall_clock_ratio_jax_over_torch_{kind}"] = ratio
