@@ -25,7 +25,8 @@ def integer_problem(rng, M, K, N):
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 17), (13, 64, 64), (100, 384, 200), (6, 1024, 80)])
 def test_kernel_equals_integer_reference_exactly(M, K, N):
-    # every tail: rows not a multiple of the 6-row tile, K not of 4, N not of 16 or of the 64-column tile
+    # every tail: rows not a multiple of the 8-row tile or the 96-row block, K not of 4,
+    # N not of 16 or of the 32-column tile
     x, qw, ws, ref = integer_problem(np.random.default_rng(M * K + N), M, K, N)
     assert np.abs(ref).max() < 2**24  # exactly representable after the int32 -> float32 conversion
     got = np.asarray(jax.jit(kernel.w8a8_dense)(jnp.asarray(x), jnp.asarray(qw), jnp.asarray(ws)))

@@ -99,8 +99,9 @@ void PackWeights(const int8_t* w, int64_t K, int64_t N, int64_t KQ, int64_t NP, 
   }
 }
 
-// MR x NV tile: rows a[0..MR) (stride lda bytes) times panels b[0..NV) (stride KQ*64 bytes). The 24
-// accumulators are named variables: GCC keeps an array of __m512i on the stack, which halves the speed.
+// MR x NV tile (at most 8 x 4; used as 8 x 2): rows a[0..MR) (stride lda bytes) times panels b[0..NV) (stride
+// KQ*64 bytes). The accumulators are named variables: GCC keeps an array of __m512i on the stack, which halves
+// the speed.
 template <int MR, int NV>
 inline void Tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t KQ, const int32_t* comp,
                  const float* w_scale, const float* x_scale, float* out, int64_t ldo, int64_t cols) {

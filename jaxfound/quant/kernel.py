@@ -3,7 +3,7 @@
 XLA:CPU's int8 x int8 -> int32 dot runs no faster than its float32 dot (benchmarks/int8_matmul.py), so w8a8
 on CPU gained nothing from int8. ``int8_dense.cc`` is a small VNNI GEMM that also fuses the per-token
 activation quantization and the rescale; it computes the same numbers as the XLA path in
-``int8.quantized_dot`` (tests/test_quant.py compares them).
+``int8.quantized_dot`` (tests/test_quant_kernel.py compares them).
 
 The shared library is compiled with the system C++ compiler into a cache directory ($JAXFOUND_CACHE, else
 $XDG_CACHE_HOME/jaxfound, else ~/.cache/jaxfound) keyed by the source, the jaxlib version and the flags.
