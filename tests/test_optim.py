@@ -41,3 +41,69 @@ def test_global_norm_clipping():
     params = {"k": {"kernel": jnp.zeros(2)}}
     updates, _ = tx.update({"k": {"kernel": jnp.array([30.0, 40.0])}}, tx.init(params), params)
     np.testing.assert_allclose(updates["k"]["kernel"], [-1.0, -1.0], rtol=1e-5)  # sign after b1=b2=0
+
+
+def test_clip_by_global_norm_matches_optax_with_and_without_a_given_norm():
+    import jax
+    import optax
+
+    from jaxfound.train.optim import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": jnp.asarray(rng.standard_normal(5))}
+    for max_norm in (0.1, 1.0, 100.0):  # clipped hard, clipped a little (norm ~4.2), not clipped
+        want, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+        ours = clip_by_global_norm(max_norm)
+        got, state = ours.update(tree, ours.init(tree))
+        given, _ = ours.update(tree, state, grad_norm=optax.global_norm(tree))
+        assert state == optax.EmptyState()
+        for g in (got, given):
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), g, want)
+    zeros = jax.tree.map(jnp.zeros_like, tree)  # norm 0: min(1, max/0) = 1, no NaN
+    got, _ = clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(got))
+
+
+def test_train_step_equals_mean_gradients_through_optax_clip_and_adamw():
+    """The train step's update (token-mean gradient as a scalar factor inside the update, the norm passed to the
+    clip) against the textbook order: mean loss -> jax.grad -> optax.clip_by_global_norm -> optax.adamw."""
+    import jax
+    import optax
+
+    from jaxfound.config import ModelConfig
+    from jaxfound.models import build_model
+    from jaxfound.train.optim import decay_mask
+    from jaxfound.train.state import TrainState
+    from jaxfound.train.step import mlm_loss, train_step
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                      max_position=16, dropout=0.0)
+    model = build_model(cfg, "mlm")
+    rng = np.random.default_rng(1)
+    batch = {"input_ids": rng.integers(5, 64, (4, 16)).astype(np.int32),
+             "segment_ids": np.ones((4, 16), np.int32),
+             "mlm_positions": np.sort(rng.choice(16, (4, 3)), axis=1).astype(np.int32),
+             "mlm_labels": rng.integers(5, 64, (4, 3)).astype(np.int32),
+             "mlm_weights": np.array([[1, 1, 0]] * 4, np.float32)}  # 8 predicted tokens: the mean divides by 8
+    params = model.init(jax.random.key(0), batch["input_ids"], segment_ids=batch["segment_ids"],
+                        masked_positions=batch["mlm_positions"])["params"]
+    # eps near the gradients' size: Adam's first step g / (|g| + eps) then depends on the clip and the 1/count
+    # scale (with a tiny eps it would be ~sign(g), blind to both)
+    tcfg = TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=0.05, eps=1e-3)
+    tx = make_optimizer(tcfg, 10)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), nonfinite_steps=jnp.int32(0))
+    new_state, metrics = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, loss_fn=mlm_loss, seed=0))(
+        state, batch)
+
+    def mean_loss(p):
+        sums = mlm_loss(model, p, batch, jax.random.key(0), True)
+        return sums["loss_sum"] / sums["count"]
+    grads = jax.grad(mean_loss)(params)
+    ref_tx = optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(1e-2, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                                                                      weight_decay=0.1, mask=decay_mask))
+    updates, _ = ref_tx.update(grads, ref_tx.init(params), params)
+    want = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+    assert float(metrics["grad_norm"]) > 0.05  # the clip is active
+    np.testing.assert_allclose(metrics["param_norm"], optax.global_norm(want), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), new_state.params, want)

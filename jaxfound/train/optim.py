@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY_NAMES = ("bias", "scale", "mlm_bias")  # LayerNorm scale/bias and every bias
@@ -37,10 +38,27 @@ def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
         b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
         weight_decay=train_cfg.weight_decay, mask=decay_mask,
     )
-    tx = optax.chain(optax.clip_by_global_norm(train_cfg.clip_norm), adamw) if train_cfg.clip_norm > 0 else adamw
+    tx = optax.chain(clip_by_global_norm(train_cfg.clip_norm), adamw) if train_cfg.clip_norm > 0 else adamw
     if train_cfg.freeze == "trunk":  # no update and no optimizer state for the trunk (not even weight decay)
         return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels)
     return tx
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm's semantics (g * min(1, max_norm / ||g||)) and state (EmptyState), as one multiply.
+
+    optax's `where(norm < max, g, g / norm * max)` is a select and a divide per element; XLA treats the divide as
+    expensive and writes the clipped gradients out once more before the Adam moments read them (one extra pass
+    over every parameter, ~0.9 GB of memory traffic per BERT-base step). A scalar factor fuses into the moments.
+    The train step passes the norm it has already computed (`grad_norm=`), which saves the reduction's pass too.
+    """
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        factor = jnp.minimum(1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
 
 
 def frozen_labels(params):
