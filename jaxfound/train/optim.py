@@ -54,7 +54,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     """
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         del params, extra_args
-        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
         factor = jnp.minimum(1.0, max_norm / norm)
         return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
 

@@ -91,7 +91,7 @@ def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int =
     count = jnp.maximum(sums["count"], 1.0)
     inv_count = 1.0 / count
     loss = sums["loss_sum"] * inv_count
-    grad_norm = optax.global_norm(grads) * inv_count
+    grad_norm = optax.tree.norm(grads) * inv_count
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state, summed_grads):
@@ -115,7 +115,7 @@ def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int =
         "accuracy": sums["correct"] / count,
         "tokens": sums["count"],
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new_params),  # after the update: the old params' norm would keep them
+        "param_norm": optax.tree.norm(new_params),  # after the update: the old params' norm would keep them
         # alive past the in-place update, and XLA copies every parameter (0.44 GB a BERT-base step) to allow it
         "finite": finite,
     }
