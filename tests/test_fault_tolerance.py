@@ -217,9 +217,9 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_the_last_good_che
     exit 2 with a one-line error naming the last complete step; with keep=1 that step (10) is still there and
     complete, no summary.json claims success, and the next run resumes from it.
 
-    The limit is half the size of step 10's `_METADATA` file (~33 KiB: the tree's metadata, the same size at every
+    The limit is half the size of step 10's `_METADATA` file (~33 kB: the tree's metadata, the same size at every
     step), so the step-15 save fails whatever it does. A fixed limit against the ocdbt data files was flaky: orbax
-    splits the ~230 KiB of arrays over a varying number of files, and once all of them fit under 64 KiB."""
+    splits the ~230 kB of arrays over a varying number of files, and once all of them fit under 64 KiB."""
     run_dir = _copy_stopped_at(reference, tmp_path / "run", 10)
     limit = (run_dir / "checkpoints" / "10" / "state" / "_METADATA").stat().st_size // 2
     assert limit > 4096  # above metrics.jsonl's appends (~200 bytes a step), which must go on working
