@@ -6,10 +6,12 @@
 1. Soups: >= 4 NER fine-tunes (different seeds / lrs) -> greedy soup (KG plan, method greedy_soup) and the
    uniform soup vs the best individual (picked on valid), test entity F1.
 2. Multi-task: the best NER, a POS (tag_column=1) and a chunk (tag_column=2) fine-tune -> one merged trunk with
-   three heads (task arithmetic and TIES at density 0.5, each lambda picked on valid): each task's test score as a
-   fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 = accuracy); then the
-   same with each head re-fitted on the merged trunk (`finetune` with train.freeze=trunk, 1 epoch: the trunk
-   stays bitwise the one merged trunk, checked).
+   three heads, by task arithmetic and by TIES (density 0.5), each over a grid of lambdas and task weightings
+   (equal, and each task in turn weighted 1.5). Every merge is scored with its heads as merged and with each
+   head re-fitted on the merged trunk (a linear probe on cached trunk features, see Probe; the trunk stays the
+   one merged trunk). The coefficients are picked on valid (the best worst-task fraction); reported: each task's
+   test score as a fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 =
+   accuracy), the re-fitted ones as a fraction of the single-task model with its head re-fitted the same way.
 3. KG guidance (plan 'auto'): the registry also holds an unrelated model (MiniLM after continued MLM on
    tiny-shakespeare) and an incompatible one (a smaller BERT fine-tuned on NER from scratch): the plan for NER
    must leave them out; the plan's merge is compared with uniformly merging every compatible model. The graph
@@ -39,6 +41,8 @@ DATA = ROOT.parent / "shared" / "data"
 NER_RUNS = [(1, 1.0), (2, 1.0), (3, 0.6), (4, 1.6)]  # (seed, lr as a multiple of --lr)
 TASK_COLUMNS = {"ner": -1, "pos": 1, "chunk": 2}
 TASK_METRIC = {"ner": "f1", "pos": "token_micro_f1", "chunk": "f1"}
+TA_LAMBDAS, TIES_LAMBDAS, TIES_DENSITY = (0.4, 0.5, 0.6), (0.7, 1.0, 1.3), 0.5
+UPWEIGHT = 1.5  # the multi-task grid: equal task weights, and each task in turn weighted UPWEIGHT
 
 
 # ---------------------------------------------------------------- training runs
@@ -120,38 +124,113 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
     return register_pretrain_run(cfg, {"reports": {"valid": {"eval_loss": float(loss)}}}, params=params)
 
 
-def refit_heads(args, files, merged: dict[str, dict], single_runs: dict[str, str], tag: str) -> dict[str, dict]:
-    """Each task's head re-fitted on the one merged trunk: `jaxfound finetune` from the merged model with
-    train.freeze=trunk (only the head trains; the trunk stays bitwise the merged one), args.refit_epochs on the
-    task's training data at head lr args.refit_lr; the best of step 0 (the merged head as it is) and every epoch
-    on valid is kept. Applied to the single-task models with the same recipe, it is the control."""
-    from jaxfound import checkpoint as ckpt
-    from jaxfound.config import load_config
-    from jaxfound.finetune import finetune
-    from jaxfound.fusion.registry import load_model, write_model
+class Probe:
+    """Each task's head re-fitted on a frozen trunk from cached features (a linear probe on the merged trunk).
 
-    out = {}
-    for task, params in merged.items():
-        src = write_model(args.out / f"merged_{tag}_{task}", load_model(single_runs[task]), params)
-        run_dir = args.out / f"refit_{tag}_{task}"
-        cfg = load_config(ROOT / "configs" / "ner_conll03.yaml", [
-            f"run.dir={run_dir}", f"model.init={src}", f"data.train={files['train']}",
-            f"data.valid={files['valid']}", f"data.test={files['test']}", f"data.tag_column={TASK_COLUMNS[task]}",
-            f"data.seq_len={args.seq_len}", f"train.epochs={args.refit_epochs}", f"train.lr={args.refit_lr}",
-            "train.freeze=trunk", "train.eval_at_start=true",
-            f"train.batch_size={args.batch_size}", "train.seed=0"])
-        if not (args.reuse and (run_dir / "best").exists()):
-            import shutil
+    The trunk's last hidden states (no dropout) are computed once per trunk for the train, valid and test windows;
+    each task's classifier, starting from its own fine-tuned head, is then trained on them: AdamW (lr `lr`, 10%
+    warm-up then linear decay, weight decay 0.01, clip 1.0), 512 labelled tokens a step, `epochs` passes in an
+    order fixed by the seed; the best on valid of the head as it was and after each epoch is kept. Scores come from
+    the same features (argmax at each word's first subword -> word tags -> seqeval / token accuracy), which is what
+    the whole model's evaluation gives (checked on the single-task models). The trunk is never changed."""
 
-            shutil.rmtree(run_dir, ignore_errors=True)
-            finetune(cfg)
-        out[task] = ckpt.load_params(run_dir / "best")
-    import jax
+    def __init__(self, runs: dict[str, str], conll: dict[str, Path], lr: float, epochs: int, seed: int = 0):
+        import jax
 
-    for task, p in out.items():  # the re-fit trains only the head: each model keeps its trunk bitwise
-        same = zip(jax.tree.leaves(p["bert"]), jax.tree.leaves(merged[task]["bert"]))
-        assert all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in same), task
-    return out
+        from jaxfound import finetune as ft
+        from jaxfound.models import build_model
+
+        self.ft, self.lr, self.epochs, self.seed = ft, lr, epochs, seed
+        self.runs = {t: ft.load_run(r) for t, r in runs.items()}
+        self.splits = {(t, s): ft.read_split(conll[s], r.task.name, r.cfg.data, r.labels, r.tokenizer,
+                                             r.cfg.data.seq_len)
+                       for t, r in self.runs.items() for s in ("train", "valid", "test")}
+        first = next(iter(self.runs))
+        for (t, s), sp in self.splits.items():  # one tokenization for every task: one set of features per trunk
+            ref = self.splits[first, s].windows.input_ids
+            assert all(np.array_equal(a, b) for a, b in zip(sp.windows.input_ids, ref)), (t, s)
+        run = self.runs[first]
+        self.seq_len, self.pad_id = run.cfg.data.seq_len, run.pad_id
+        trunk_model = build_model(run.model.cfg, "none")
+        self._hidden = jax.jit(lambda trunk, b: trunk_model.apply({"params": {"bert": trunk}}, b["input_ids"],
+                                                                  b["attention_mask"], b["token_type_ids"]))
+        self._first = first
+
+    def features(self, trunk) -> dict[str, list[np.ndarray]]:
+        """split -> per window, the trunk's hidden states (n, D) at its n tokens."""
+        from jaxfound.data import finetune as ftdata
+
+        out = {}
+        for s in ("train", "valid", "test"):
+            w = self.splits[self._first, s].windows
+            feats = [None] * len(w.input_ids)
+            for rows, b in ftdata.eval_batches(w, 64, self.seq_len, self.pad_id, True):
+                h = np.asarray(self._hidden(trunk, {k: v for k, v in b.items() if k != "labels"}))
+                for j, r in enumerate(rows):
+                    if r >= 0:
+                        feats[r] = h[j, :len(w.input_ids[r])]
+            out[s] = feats
+        return out
+
+    def fit(self, head: dict, X_NxD: np.ndarray, y_N: np.ndarray) -> list[dict]:
+        """The head after 0, 1, ..., epochs passes of AdamW over (X, y)."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        batch = 512
+        per_epoch = len(y_N) // batch
+        total, warm = self.epochs * per_epoch, max(1, self.epochs * per_epoch // 10)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, self.lr, warm),
+                                         optax.linear_schedule(self.lr, 0.0, total - warm)], [warm])
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+        X, y = jnp.asarray(X_NxD), jnp.asarray(y_N)
+
+        def loss(p, idx):
+            logits = X[idx] @ p["kernel"] + p["bias"]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+
+        @jax.jit
+        def epoch(p, opt, order_SxB):
+            def body(carry, idx):
+                p, opt = carry
+                updates, opt = tx.update(jax.grad(loss)(p, idx), opt, p)
+                return (optax.apply_updates(p, updates), opt), None
+            return jax.lax.scan(body, (p, opt), order_SxB)[0]
+
+        p = {"kernel": jnp.asarray(head["kernel"]), "bias": jnp.asarray(head["bias"])}
+        opt, rng, history = tx.init(p), np.random.default_rng(self.seed), [p]
+        for _ in range(self.epochs):
+            p, opt = epoch(p, opt, rng.permutation(len(y_N))[:per_epoch * batch].reshape(per_epoch, batch))
+            history.append(p)
+        return history
+
+    def score(self, task: str, split: str, feats: list[np.ndarray], head: dict) -> float:
+        ft, run, sp = self.ft, self.runs[task], self.splits[task, split]
+        W, b = np.asarray(head["kernel"]), np.asarray(head["bias"])
+        preds = [np.argmax(h @ W + b, -1) for h in feats]
+        report = ft.score(run.task.name, sp.gold, ft.decode(run.task.name, sp, preds, run.labels), run.labels)
+        return float(report[TASK_METRIC[task]])
+
+    def __call__(self, models: dict[str, dict]) -> dict[str, dict]:
+        """task -> {'as_is': {valid, test}, 'refit': {valid, test, epoch}, 'head': the re-fitted head}."""
+        cache, out = {}, {}
+        for task, params in models.items():
+            key = id(params["bert"])
+            if key not in cache:
+                cache[key] = self.features(params["bert"])
+            feats = cache[key]
+            labels = self.splits[task, "train"].windows.labels
+            X = np.concatenate([h[lab >= 0] for h, lab in zip(feats["train"], labels)])
+            y = np.concatenate([lab[lab >= 0] for lab in labels])
+            history = self.fit(params["classifier"], X, y)
+            valid = [self.score(task, "valid", feats["valid"], h) for h in history]
+            best = int(np.argmax(valid))
+            out[task] = {"as_is": {"valid": valid[0], "test": self.score(task, "test", feats["test"], history[0])},
+                         "refit": {"valid": valid[best], "epoch": best,
+                                   "test": self.score(task, "test", feats["test"], history[best])},
+                         "head": {k: np.asarray(v) for k, v in history[best].items()}}
+        return out
 
 
 # ---------------------------------------------------------------- evaluation
@@ -238,39 +317,50 @@ def main(argv=None) -> int:
     # ---- 2. One trunk, three heads ----
     single = {t: params[n] for t, n in (("ner", best_ner), ("pos", "pos"), ("chunk", "chunk"))}
     order = list(single)
+    probe = Probe(task_runs, conll, args.refit_lr, args.refit_epochs)
+    control = probe(single)  # the single-task models, heads re-fitted the same way
+    for t in order:  # the probe's scores are the whole model's
+        assert abs(control[t]["as_is"]["test"] - score(t, "test", single[t])) < 1e-9, t
+    weightings = [[1.0] * len(order)] + [[UPWEIGHT if i == j else 1.0 for i in range(len(order))]
+                                         for j in range(len(order))]
+    grid = []
+    for method, lams in (("task_arithmetic", TA_LAMBDAS), ("ties", TIES_LAMBDAS)):
+        for weights in weightings:
+            for lam in lams:
+                kw = {"lam": lam, **({"density": TIES_DENSITY} if method == "ties" else {})}
+                merged = M.merge_trunk(method, [single[t] for t in order], weights, base=base, names=order, **kw)
+                r = probe(dict(zip(order, merged)))
+                row = {"method": method, "weights": dict(zip(order, weights)), **kw}
+                for stage in ("as_is", "refit"):
+                    for split in ("valid", "test"):
+                        row[f"{stage}_{split}"] = {t: r[t][stage][split] / control[t][stage][split] for t in order}
+                grid.append(row)
+                print(f"{method} weights {weights} {kw}: valid fraction as is "
+                      + " ".join(f"{v:.3f}" for v in row["as_is_valid"].values()) + ", heads re-fitted "
+                      + " ".join(f"{v:.3f}" for v in row["refit_valid"].values()), flush=True)
 
-    def multi(method, **kw):
-        merged = M.merge_trunk(method, [single[t] for t in order], base=base, names=order, **kw)
-        return dict(zip(order, merged))
+    def pick(method, stage, uniform_only=False):  # on valid: the best worst task, then the best mean
+        rows = [r for r in grid if r["method"] == method and (not uniform_only or len(set(r["weights"].values())) == 1)]
+        return max(rows, key=lambda r: (min(r[f"{stage}_valid"].values()), np.mean(list(r[f"{stage}_valid"].values()))))
 
-    def fractions(models, split, reference=None):
-        reference = reference or single
-        return {t: score(t, split, models[t]) / score(t, split, reference[t]) for t in order}
+    def describe(row):
+        kw = f"density {row['density']}, " if "density" in row else ""
+        weights = "/".join(f"{w:g}" for w in row["weights"].values())
+        return f"{row['method']} ({kw}lambda {row['lam']}, weights {weights})"
 
-    lams = {lam: np.mean(list(fractions(multi("task_arithmetic", lam=lam), "valid").values()))
-            for lam in (0.3, 0.5, 0.7, 1.0)}
-    lam = max(lams, key=lams.get)
-    ties_lams = {x: np.mean(list(fractions(multi("ties", density=0.5, lam=x), "valid").values()))
-                 for x in (0.7, 1.0, 1.5, 2.0)}
-    ties_lam = max(ties_lams, key=ties_lams.get)
-    ta, ties = multi("task_arithmetic", lam=lam), multi("ties", density=0.5, lam=ties_lam)
-    ta_refit = refit_heads(args, conll, ta, task_runs, "ta")
-    ties_refit = refit_heads(args, conll, ties, task_runs, "ties")
-    single_refit = refit_heads(args, conll, single, task_runs, "single")  # control: the same head training
+    chosen = {}
+    for method in ("task_arithmetic", "ties"):
+        for stage, label in (("as_is", "heads as merged"), ("refit", "heads re-fitted")):
+            for uniform in (True, False):
+                row = pick(method, stage, uniform)
+                name = f"{describe(row)}, {label}" + (" (of equal weights only)" if uniform else "")
+                chosen[name] = row[f"{stage}_test"]
     out["multitask"] = {
-        "single_test": {t: score(t, "test", single[t]) for t in order},
-        "single_refit_test": {t: score(t, "test", single_refit[t]) for t in order},
-        f"task_arithmetic (lambda={lam}, picked on valid)": fractions(ta, "test"),
-        f"ties (density 0.5, lambda={ties_lam}, picked on valid)": fractions(ties, "test"),
-        f"task_arithmetic (lambda={lam}) + heads re-fitted": fractions(ta_refit, "test"),
-        f"ties (density 0.5, lambda={ties_lam}) + heads re-fitted": fractions(ties_refit, "test"),
-        f"task_arithmetic (lambda={lam}) + heads re-fitted / single + heads re-fitted":
-            fractions(ta_refit, "test", single_refit),
-        f"ties (density 0.5, lambda={ties_lam}) + heads re-fitted / single + heads re-fitted":
-            fractions(ties_refit, "test", single_refit),
-        "task_arithmetic_valid_by_lambda": lams,
-        "ties_valid_by_lambda": ties_lams,
-        "refit": {"lr": args.refit_lr, "epochs": args.refit_epochs},
+        "single_test": {t: control[t]["as_is"]["test"] for t in order},
+        "single_refit_test": {t: control[t]["refit"]["test"] for t in order},
+        "chosen_on_valid": chosen,
+        "grid": grid,
+        "refit": {"lr": args.refit_lr, "epochs": args.refit_epochs, "tokens_per_step": 512},
     }
 
     # ---- 3. KG guidance ----
@@ -306,15 +396,15 @@ def print_tables(out: dict) -> None:
     for k, v in out["soups"].items():
         print(f"{k:<36} {v['valid_f1']:>7.4f} {v['test_f1']:>7.4f}")
     m = out["multitask"]
-    print("\n== one trunk, three heads: test score as a fraction of the single-task model ==")
-    print(f"{'method':<70} " + " ".join(f"{t:>7}" for t in m["single_test"]))
-    print(f"{'single-task (absolute)':<70} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
-    print(f"{'single-task + heads re-fitted (absolute)':<70} "
+    print("\n== one trunk, three heads: test score as a fraction of the single-task model's "
+          "(re-fitted heads: of the single-task model with its head re-fitted the same way) ==")
+    head = "method (coefficients picked on valid: best worst task)"
+    print(f"{head:<84} " + " ".join(f"{t:>7}" for t in m["single_test"]))
+    print(f"{'single-task (absolute)':<84} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
+    print(f"{'single-task, head re-fitted (absolute)':<84} "
           + " ".join(f"{v:>7.4f}" for v in m["single_refit_test"].values()))
-    for k, v in m.items():
-        if k not in ("single_test", "single_refit_test", "task_arithmetic_valid_by_lambda", "ties_valid_by_lambda",
-                     "refit"):
-            print(f"{k:<70} " + " ".join(f"{x:>7.3f}" for x in v.values()))
+    for k, v in m["chosen_on_valid"].items():
+        print(f"{k:<84} " + " ".join(f"{x:>7.3f}" for x in v.values()))
     kg = out["kg"]
     print(f"\n== KG-guided NER merge (plan: {kg['method']}) ==")
     for name, reason in kg["excluded"].items():
