@@ -120,22 +120,27 @@ def latest_params(run_dir: str | Path) -> dict:
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None):
     """Restore the newest loadable step -> (step, state, skipped) or (None, None, skipped).
 
-    skipped: [(step, reason)] for newer steps that could not be read (truncated, missing, garbage).
+    skipped: [(step, reason)] for newer steps that could not be read (truncated, missing, garbage). A readable
+    step whose data position lies outside this run's data (the data changed under the run dir) is an error, not
+    a reason to fall back: nothing is moved aside.
     """
-    import grain
-
     skipped = []
     mngr.reload()
+    fresh = data_iterator.get_state() if data_iterator is not None else None
     for step in sorted(mngr.all_steps(), reverse=True):
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        foreign = _foreign_data_state(mngr, step) if data_iterator is not None else None
-        if data_iterator is not None and foreign is None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**items))
-            if foreign is not None:
-                data_iterator.set_state(json.loads(foreign.read_text()))
+            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            if data_iterator is not None:
+                _restore_data(mngr, step, data_iterator)
+        except _DataMismatch as e:
+            data_iterator.set_state(fresh)
+            raise JaxfoundError(
+                f"checkpoint step {step} in {mngr.directory} was written for other data: its data position does not "
+                f"fit this run's data ({e}); resume with the data the run was started with, or use a new run.dir"
+            ) from None
         except Exception as e:  # any unreadable step: say which and why, then fall back
+            if data_iterator is not None:
+                data_iterator.set_state(fresh)  # a failed restore may have left the iterator half-set
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log.warning("checkpoint step %d is unreadable (%s); falling back to an earlier one", step, reason)
             skipped.append((step, reason))
@@ -146,6 +151,23 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
     if skipped:  # nothing readable: the run starts over, and must be able to save at those step numbers
         _quarantine(mngr, [s for s, _ in skipped])
     return None, None, skipped
+
+
+class _DataMismatch(Exception):
+    """A readable data-iterator state that points outside this run's data (e.g. the train file changed)."""
+
+
+def _restore_data(mngr: ocp.CheckpointManager, step: int, data_iterator) -> None:
+    import grain
+
+    foreign = _foreign_data_state(mngr, step)
+    try:
+        if foreign is not None:
+            data_iterator.set_state(json.loads(foreign.read_text()))
+        else:
+            mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except IndexError as e:  # grain: "Checkpoint `next_index` N is out of range for dataset of length M."
+        raise _DataMismatch(str(e).splitlines()[0][:200]) from None
 
 
 def _quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
