@@ -120,6 +120,27 @@ def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
     return None
 
 
+def attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask=None, causal: bool = False):
+    """softmax(q k^T / sqrt(H), masked) v per head: jax.nn.dot_product_attention's XLA path, written out.
+
+    Logits and softmax in float32 whatever the compute dtype; masked logits get a large negative value (rows that
+    mask every key are the caller's to avoid). The scale is applied to q (Q x H) rather than to the logits
+    (Q x L). Written out because XLA:CPU runs this form faster than the library's grouped-query vmap (same math).
+    mask: bool, broadcastable to (B, N, Q, L), or None; causal: also mask keys after the query (Q == L).
+    """
+    H = q_BxQxNxH.shape[-1]
+    q_BxQxNxH = q_BxQxNxH * jnp.asarray(H ** -0.5, q_BxQxNxH.dtype)
+    logits_BxNxQxL = jnp.einsum("bqnh,blnh->bnql", q_BxQxNxH, k_BxLxNxH, preferred_element_type=jnp.float32)
+    if causal:
+        Q, L = logits_BxNxQxL.shape[-2:]
+        tril_QxL = jnp.tril(jnp.ones((Q, L), bool))
+        mask = tril_QxL if mask is None else mask & tril_QxL
+    if mask is not None:
+        logits_BxNxQxL = jnp.where(mask, logits_BxNxQxL, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs_BxNxQxL = jax.nn.softmax(logits_BxNxQxL, axis=-1).astype(v_BxLxNxH.dtype)
+    return jnp.einsum("bnql,blnh->bqnh", probs_BxNxQxL, v_BxLxNxH)
+
+
 class SelfAttention(nn.Module):
     cfg: object
     causal: bool = False
@@ -136,7 +157,7 @@ class SelfAttention(nn.Module):
             return constrain(x, ("act_batch", "act_len", "act_heads", None))
         q_BxQxNxH = heads("query", h_query_BxQxD)
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
-        out_BxQxNxH = jax.nn.dot_product_attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask=mask, is_causal=self.causal)
+        out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
         out_BxQxD = out_BxQxNxH.reshape(B, -1, D)
         return dense(cfg, D, ("heads", "embed"), "out")(out_BxQxD)
 
