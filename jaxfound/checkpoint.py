@@ -133,7 +133,6 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
             if data_iterator is not None:
                 _restore_data(mngr, step, data_iterator)
         except _DataMismatch as e:
-            data_iterator.set_state(fresh)
             raise JaxfoundError(
                 f"checkpoint step {step} in {mngr.directory} was written for other data: its data position does not "
                 f"fit this run's data ({e}); resume with the data the run was started with, or use a new run.dir"

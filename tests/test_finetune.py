@@ -158,19 +158,19 @@ def test_continue_from_a_finetuned_run_keeps_its_head_and_freeze_trunk_trains_on
 
 
 def test_resume_with_other_data_is_a_clear_error_and_keeps_the_checkpoints(ner_run, tmp_path):
-    """The same run dir rerun with a shorter train file: the saved data position (step 10 of 15 per epoch) lies
-    past the new data's 2 batches. One error naming the step and what to do; nothing moved aside or deleted."""
-    def cfg(train, epochs):
+    """The same run dir rerun with a shorter train file: the newest saved data position (step 15) lies past the
+    new data's 2 batches. One error naming the step and what to do; nothing moved aside or deleted."""
+    def cfg(train):
         return load_config(None, [
             f"run.dir={tmp_path / 'run'}", f"model.init={ner_run['base']}", f"data.train={train}",
-            "data.seq_len=32", "train.task=ner", f"train.epochs={epochs}", "train.batch_size=16",
+            "data.seq_len=32", "train.task=ner", "train.epochs=1", "train.batch_size=16",
             "checkpoint.every=10", "checkpoint.async_save=false", "model.dropout=0.0"])
 
-    finetune(cfg(write_toy_conll(tmp_path / "long.txt", 240, seed=1), 1))  # 15 steps: checkpoints 10 and 15
+    finetune(cfg(write_toy_conll(tmp_path / "long.txt", 240, seed=1)))  # 15 steps: checkpoints 10 and 15
     ck = tmp_path / "run" / "checkpoints"
     before = sorted(p.name for p in ck.iterdir())
     with pytest.raises(JaxfoundError, match=r"checkpoint step 15 .* other data.*new run.dir"):
-        finetune(cfg(write_toy_conll(tmp_path / "short.txt", 32, seed=3), 1))
+        finetune(cfg(write_toy_conll(tmp_path / "short.txt", 32, seed=3)))
     assert sorted(p.name for p in ck.iterdir()) == before == ["10", "15"]
 
 
