@@ -213,7 +213,7 @@ class Probe:
         return float(report[TASK_METRIC[task]])
 
     def __call__(self, models: dict[str, dict]) -> dict[str, dict]:
-        """task -> {'as_is': {valid, test}, 'refit': {valid, test, epoch}, 'head': the re-fitted head}."""
+        """task -> {'as_is': {valid, test}, 'refit': {valid, test, epoch}}."""
         cache, out = {}, {}
         for task, params in models.items():
             key = id(params["bert"])
@@ -228,8 +228,7 @@ class Probe:
             best = int(np.argmax(valid))
             out[task] = {"as_is": {"valid": valid[0], "test": self.score(task, "test", feats["test"], history[0])},
                          "refit": {"valid": valid[best], "epoch": best,
-                                   "test": self.score(task, "test", feats["test"], history[best])},
-                         "head": {k: np.asarray(v) for k, v in history[best].items()}}
+                                   "test": self.score(task, "test", feats["test"], history[best])}}
         return out
 
 
