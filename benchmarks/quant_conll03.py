@@ -78,6 +78,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (jax uses every core)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quant_conll03.json"))
     args = ap.parse_args(argv)
+    if not Path(args.file).is_file():
+        ap.error(f"--file {args.file}: no such file; give a labelled CoNLL file (the default is the CoNLL-2003 "
+                 "test set at ../shared/data/conll2003/test.txt beside the repo)")
+    if not (Path(args.run) / "config.json").is_file():
+        ap.error(f"--run {args.run}: not a jaxfound run dir (no config.json); give a `jaxfound finetune` NER run")
 
     import jax
 
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     eval_file = write_subset(Path(args.file), tmp / "eval.txt", args.limit)
 
     # ---- Quantize with the CLI's library function; reload everything from disk ----
-    sizes = {m: quantize_run(args.run, m, tmp / m) for m in ("w8", "w8a8")}
+    sizes = {m: quantize_run(args.run, m, tmp / m, register=False) for m in ("w8", "w8a8")}  # scratch copies
     runs = {"jaxfound fp32": ft.load_run(args.run), "jaxfound w8": ft.load_run(tmp / "w8"),
             "jaxfound w8a8": ft.load_run(tmp / "w8a8")}
     base = runs["jaxfound fp32"]

@@ -31,8 +31,11 @@ def manager(directory: str | Path, keep: int = 2, async_save: bool = True) -> oc
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, config: dict | None = None,
-         force: bool = False) -> bool:
+         force: bool = False, data_fingerprint: dict | None = None) -> bool:
     """Start saving (async); returns whether a save was started.
+
+    data_fingerprint (jaxfound.data.pipeline.fingerprint of the training examples) lets a resume check that
+    the saved data position refers to the same data.
 
     Raises JaxfoundError if this save, or the previous one still in flight, could not be written.
     """
@@ -43,6 +46,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, conf
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
         items["config"] = ocp.args.JsonSave(config)
+    if data_fingerprint is not None:
+        items["data_fingerprint"] = ocp.args.JsonSave(data_fingerprint)
     try:
         return mngr.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # orbax / tensorstore surface a failed write (ENOSPC, EFBIG, EACCES) as many types
@@ -117,12 +122,14 @@ def latest_params(run_dir: str | Path) -> dict:
     return params
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None,
+                   data_fingerprint: dict | None = None):
     """Restore the newest loadable step -> (step, state, skipped) or (None, None, skipped).
 
     skipped: [(step, reason)] for newer steps that could not be read (truncated, missing, garbage). A readable
-    step whose data position lies outside this run's data (the data changed under the run dir) is an error, not
-    a reason to fall back: nothing is moved aside.
+    step written for other training data (its saved fingerprint differs from data_fingerprint, or its data
+    position lies outside this run's data) is an error, not a reason to fall back: nothing is moved aside.
+    Checkpoints written before fingerprints were saved are checked by position only.
     """
     skipped = []
     mngr.reload()
@@ -130,12 +137,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            _check_fingerprint(mngr, step, data_fingerprint)
             if data_iterator is not None:
                 _restore_data(mngr, step, data_iterator)
         except _DataMismatch as e:
             raise JaxfoundError(
-                f"checkpoint step {step} in {mngr.directory} was written for other data: its data position does not "
-                f"fit this run's data ({e}); resume with the data the run was started with, or use a new run.dir"
+                f"checkpoint step {step} in {mngr.directory} was written for other training data ({e}); resume with "
+                "the data the run was started with, or use a new run.dir"
             ) from None
         except Exception as e:  # any unreadable step: say which and why, then fall back
             if data_iterator is not None:
@@ -156,6 +164,15 @@ class _DataMismatch(Exception):
     """A readable data-iterator state that points outside this run's data (e.g. the train file changed)."""
 
 
+def _check_fingerprint(mngr: ocp.CheckpointManager, step: int, current: dict | None) -> None:
+    if current is None or not (Path(str(mngr.directory)) / str(step) / "data_fingerprint").exists():
+        return
+    saved = mngr.restore(step, args=ocp.args.Composite(data_fingerprint=ocp.args.JsonRestore()))["data_fingerprint"]
+    if saved != current:
+        raise _DataMismatch(f"{saved.get('examples')} training examples with hash {saved.get('blake2b')} then, "
+                            f"{current['examples']} with hash {current['blake2b']} now")
+
+
 def _restore_data(mngr: ocp.CheckpointManager, step: int, data_iterator) -> None:
     import grain
 
@@ -166,7 +183,7 @@ def _restore_data(mngr: ocp.CheckpointManager, step: int, data_iterator) -> None
         else:
             mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except IndexError as e:  # grain: "Checkpoint `next_index` N is out of range for dataset of length M."
-        raise _DataMismatch(str(e).splitlines()[0][:200]) from None
+        raise _DataMismatch(f"its data position does not fit this run's data: {str(e).splitlines()[0][:200]}") from None
 
 
 def _quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> None:

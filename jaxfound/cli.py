@@ -261,7 +261,8 @@ def main(argv=None) -> int:
         code = args._runners[args.verb](args) or 0
     except JaxfoundError as e:
         one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"jaxfound {args.verb}: error: {one_line}", file=sys.stderr)
+        sys.stderr.write(f"jaxfound {args.verb}: error: {one_line}\n")  # one write: threads cannot split it
+        sys.stderr.flush()
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,6 +29,7 @@ from jaxfound import metrics
 from jaxfound.config import from_dict, replace
 from jaxfound.data import finetune as ftdata
 from jaxfound.data.conll import read_conll, tag_spans
+from jaxfound.data.pipeline import fingerprint
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
@@ -309,7 +310,8 @@ def finetune(cfg) -> dict:
     job = Job(model=model, task=task, total_steps=total_steps, evaluate=evaluate, seq_len=seq_len,
               make_iterator=lambda: ftdata.batch_iterator(train, total_steps, jax.process_index(),
                                                           jax.process_count()),
-              init_params=params0, best_metric=task.metric if "valid" in splits else None, extra=extra)
+              init_params=params0, best_metric=task.metric if "valid" in splits else None, extra=extra,
+              data_fingerprint=fingerprint(splits["train"].windows.input_ids, splits["train"].windows.labels))
     summary = fit(cfg, job)
 
     # ---- Reports with the best params ----

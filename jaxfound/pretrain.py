@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfound.data.pipeline import batch_iterator, local_batch
+from jaxfound.data.pipeline import batch_iterator, fingerprint, local_batch
 from jaxfound.data.pretrain import prepare_pretraining
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
@@ -61,6 +61,7 @@ def pretrain(cfg) -> dict:
         extra={"task": task.name, "arch": model_cfg.arch, "vocab_size": data.vocab_size, "documents": data.num_docs,
                "corpus_tokens": data.num_tokens, "tokenizer": str(Path(cfg.run.dir) / "tokenizer")
                if not cfg.data.tokenizer else cfg.data.tokenizer},
+        data_fingerprint=fingerprint(data.train.corpus.ids_NxL, data.train.corpus.segment_ids_NxL),
     )
     summary = fit(cfg, job)
     from jaxfound.fusion.registry import register_pretrain_run

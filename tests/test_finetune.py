@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,20 +159,41 @@ def test_continue_from_a_finetuned_run_keeps_its_head_and_freeze_trunk_trains_on
 
 
 def test_resume_with_other_data_is_a_clear_error_and_keeps_the_checkpoints(ner_run, tmp_path):
-    """The same run dir rerun with a shorter train file: the newest saved data position (step 15) lies past the
-    new data's 2 batches. One error naming the step and what to do; nothing moved aside or deleted."""
+    """The same run dir rerun with other training data: one error naming the step and what to do; nothing moved
+    aside or deleted. Other sentences of the same count (the saved data position is still in range, so only
+    the checkpoint's data fingerprint can tell), a shorter file, and a shorter file against a checkpoint
+    written before fingerprints (its position past the new data's 2 batches) are all refused; the same
+    sentences under another path resume."""
     def cfg(train):
         return load_config(None, [
             f"run.dir={tmp_path / 'run'}", f"model.init={ner_run['base']}", f"data.train={train}",
             "data.seq_len=32", "train.task=ner", "train.epochs=1", "train.batch_size=16",
             "checkpoint.every=10", "checkpoint.async_save=false", "model.dropout=0.0"])
 
-    finetune(cfg(write_toy_conll(tmp_path / "long.txt", 240, seed=1)))  # 15 steps: checkpoints 10 and 15
+    first = write_toy_conll(tmp_path / "long.txt", 240, seed=1)
+    finetune(cfg(first))  # 15 steps: checkpoints 10 and 15
     ck = tmp_path / "run" / "checkpoints"
     before = sorted(p.name for p in ck.iterdir())
-    with pytest.raises(JaxfoundError, match=r"checkpoint step 15 .* other data.*new run.dir"):
-        finetune(cfg(write_toy_conll(tmp_path / "short.txt", 32, seed=3)))
-    assert sorted(p.name for p in ck.iterdir()) == before == ["10", "15"]
+    assert before == ["10", "15"]
+    same_count = write_toy_conll(tmp_path / "other.txt", 240, seed=2)
+    with pytest.raises(JaxfoundError, match=r"checkpoint step 15 .* other training data \(240 training examples "
+                                            r"with hash \w+ then, 240 with hash \w+ now\).*new run.dir"):
+        finetune(cfg(same_count))
+    short = write_toy_conll(tmp_path / "short.txt", 32, seed=3)
+    with pytest.raises(JaxfoundError, match=r"checkpoint step 15 .* other training data \(240 .* then, 32 .*now"):
+        finetune(cfg(short))
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+    moved = tmp_path / "moved" / "train.conll"
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+    assert finetune(cfg(moved))["start_step"] == 15  # content, not the path, identifies the data
+
+    for step in before:  # checkpoints from before fingerprints: the data position is what can be checked
+        shutil.rmtree(ck / step / "data_fingerprint")
+    with pytest.raises(JaxfoundError, match=r"checkpoint step 15 .*\(its data position does not fit .*new run.dir"):
+        finetune(cfg(short))
+    assert sorted(p.name for p in ck.iterdir()) == before
 
 
 def test_finetune_cls_beats_chance(tmp_path):

@@ -6,6 +6,7 @@ from jaxfound.data.pipeline import (
     ExampleStream,
     StreamSpec,
     batch_iterator,
+    fingerprint,
     local_batch,
     mask_tokens,
     max_predictions,
@@ -91,3 +92,18 @@ def test_synthetic_corpus_is_deterministic_and_factual():
                 name, rest = sent.split(" lives in ")
                 homes.setdefault(name.strip(), set()).add(rest.split(" ")[0])
     assert homes and all(len(v) == 1 for v in homes.values())  # each person has one home: a learnable fact
+
+
+def test_fingerprint_is_a_function_of_content_and_shape():
+    """Equal tokens -> equal fingerprints; one token, the row shape or the label list changed -> another."""
+    corpus = pack_documents([list(range(1, 50)), list(range(7, 30))], 16)
+    same = pack_documents([list(range(1, 50)), list(range(7, 30))], 16)
+    fp = fingerprint(corpus.ids_NxL, corpus.segment_ids_NxL)
+    assert fp == fingerprint(same.ids_NxL.copy(), same.segment_ids_NxL) and fp["examples"] == 5
+    changed = corpus.ids_NxL.copy()
+    changed[3, 2] += 1
+    assert fingerprint(changed, corpus.segment_ids_NxL)["blake2b"] != fp["blake2b"]
+    assert fingerprint(corpus.ids_NxL.reshape(-1, 8), corpus.segment_ids_NxL)["blake2b"] != fp["blake2b"]
+    ids = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]
+    assert fingerprint(ids, [np.array([0, 1, 0])])["examples"] == 2
+    assert fingerprint(ids, [np.array([0, 1, 0])]) != fingerprint(ids, [np.array([0, 2, 0])])

@@ -42,14 +42,26 @@ def test_default_pretrain_learns_within_five_minutes(tmp_path):
 
 
 def test_resume_replays_the_same_losses(tmp_path):
-    _pretrain(tmp_path / "whole", "train.steps=40", "train.schedule_steps=40", "checkpoint.every=20")
+    _pretrain(tmp_path / "whole", "train.steps=40", "train.schedule_steps=40", "checkpoint.every=20",
+              "train.eval_every=10")
     # one tokenizer for both (WordPiece training may break count ties differently from run to run)
-    schedule = ["train.schedule_steps=40", "checkpoint.every=20", f"data.tokenizer={tmp_path / 'whole' / 'tokenizer'}"]
+    schedule = ["train.schedule_steps=40", "checkpoint.every=20", f"data.tokenizer={tmp_path / 'whole' / 'tokenizer'}",
+                "train.eval_every=10"]
     _pretrain(tmp_path / "split", "train.steps=20", *schedule)
     _pretrain(tmp_path / "split", "train.steps=40", *schedule)
     whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 41))
     assert [split[s] for s in range(21, 41)] == [whole[s] for s in range(21, 41)]
+
+    # the summary covers the whole run, the first invocation's evals included; rerunning a finished run keeps it
+    def summary():
+        s = json.loads((tmp_path / "split" / "summary.json").read_text())
+        return s["steps_this_run"], s["final_loss"], s["first_eval"]["step"], s["first_eval"]["eval_loss"]
+    reference = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    first = reference["first_eval"]["step"], reference["first_eval"]["eval_loss"]
+    assert summary() == (20, whole[40], *first)
+    _pretrain(tmp_path / "split", "train.steps=40", *schedule)  # nothing to do
+    assert summary() == (0, whole[40], *first)
 
 
 def test_sigterm_saves_and_resume_replays_the_same_losses(tmp_path):

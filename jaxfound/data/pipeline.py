@@ -9,6 +9,7 @@ prefetching; its iterator state goes into checkpoints.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,22 @@ class PackedCorpus:
 
     ids_NxL: np.ndarray
     segment_ids_NxL: np.ndarray
+
+
+def fingerprint(*arrays) -> dict:
+    """What identifies a run's training examples: their count and a hash of their tokens (and labels).
+
+    Stored in every checkpoint; a resume whose data hash differs is refused (tests/test_resume.py), since the
+    saved data position would silently point at other examples. arrays: numpy arrays or lists of them, the
+    first one giving the count. Hashes content, not paths: moving the data files keeps a run resumable.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        for x in a if isinstance(a, list) else [a]:
+            x = np.ascontiguousarray(x)
+            h.update(f"{x.dtype.str}{x.shape}".encode())
+            h.update(x.reshape(-1).view(np.uint8))
+    return {"examples": len(arrays[0]), "blake2b": h.hexdigest()}
 
 
 def pack_documents(token_lists: list[list[int]], seq_len: int) -> PackedCorpus:

@@ -132,8 +132,12 @@ def write_quantized_run(out, run, qparams, mode: str, metadata: dict) -> Path:
     return out
 
 
-def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds: int = 3) -> dict:
-    """Quantize a fine-tuned / merged run dir to ``out``; report sizes (and metric, tokens/s on eval_file)."""
+def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds: int = 3,
+                 register: bool = True) -> dict:
+    """Quantize a fine-tuned / merged run dir to ``out``; report sizes (and metric, tokens/s on eval_file).
+
+    register: record ``out`` in the source run's registry (run.registry), if it has one; False for scratch copies.
+    """
     from jaxfound import finetune as ft
     from jaxfound.models import build_model
 
@@ -163,7 +167,7 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
         qmodel = build_model(dataclasses.replace(run.cfg.model, quant=mode), run.task.head)
         report |= compare(run, qmodel, jax.device_put(qparams), eval_file, rounds)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
-    if run.cfg.run.registry:  # the source is registered: record the int8 copy beside it (quantized_from)
+    if register and run.cfg.run.registry:  # the source is registered: record the int8 copy beside it (quantized_from)
         from jaxfound.fusion.registry import register_quantize_run
 
         scores = [] if report["metric_after"] is None else [

@@ -42,6 +42,7 @@ class Job:
     init_params: object = None  # start from these params (fine-tuning) instead of a random init
     best_metric: str | None = None  # keep the params with the highest value of this eval metric in run_dir/best
     extra: dict = field(default_factory=dict)  # recorded in summary.json (tokenizer, labels, data sizes)
+    data_fingerprint: dict | None = None  # jaxfound.data.pipeline.fingerprint of the training examples
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -90,6 +91,16 @@ def _metrics_log(run_dir: Path, resume_step: int):
                 continue  # a line cut by a crash
         path.write_text("".join(k + "\n" for k in kept))
     return path.open("a")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_losses(run_dir: Path) -> Path | None:
@@ -157,7 +168,7 @@ def fit(cfg, job: Job) -> dict:
     state = init_state(job.model, tx, mesh, job.seq_len, cfg.train.seed, shardings, job.init_params)
     abstract = ckpt.abstract_like(state, shardings)
     ckpt.check_space(run_dir, abstract)
-    step0, restored, skipped = ckpt.restore_latest(mngr, abstract, iterator)
+    step0, restored, skipped = ckpt.restore_latest(mngr, abstract, iterator, job.data_fingerprint)
     for bad_step, reason in skipped:
         print(f"resume: skipped checkpoint step {bad_step} ({reason}); moved aside as {bad_step}.unreadable")
     if restored is not None:
@@ -198,7 +209,8 @@ def fit(cfg, job: Job) -> dict:
         bar.close()
         ckpt.finish(mngr)
         if mngr.latest_step() != step:  # (a SIGTERM save may already hold this step)
-            ckpt.save(mngr, step, state, iterator, config_dict, force=True)
+            ckpt.save(mngr, step, state, iterator, config_dict, force=True,
+                      data_fingerprint=job.data_fingerprint)
         ckpt.finish(mngr, close=True)
         raise JaxfoundError(
             f"step {bad_step}: loss or gradient is NaN/inf (train.nonfinite=stop); its update was not applied and "
@@ -239,10 +251,11 @@ def fit(cfg, job: Job) -> dict:
                     ckpt.save_params(run_dir / "best", state.params)
                     summary["best"] = {"step": step, job.best_metric: best_value}
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == job.total_steps:
-                ckpt.save(mngr, step, state, iterator, config_dict)
+                ckpt.save(mngr, step, state, iterator, config_dict, data_fingerprint=job.data_fingerprint)
             if preempt.requested:
                 print(f"SIGTERM: saving a checkpoint at step {step} and exiting")
-                ckpt.save(mngr, step, state, iterator, config_dict, force=True)
+                ckpt.save(mngr, step, state, iterator, config_dict, force=True,
+                      data_fingerprint=job.data_fingerprint)
                 summary["preempted"] = True
                 break
         if pending is not None:
@@ -255,6 +268,8 @@ def fit(cfg, job: Job) -> dict:
 
     # ---- Summary ----
     elapsed = time.perf_counter() - t_start
+    if is_main:  # the whole run's rows (earlier runs on this dir included), not only this invocation's
+        history = _read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in history if "eval_loss" in r or (job.best_metric and job.best_metric in r)]
     trains = [r for r in history if "loss" in r]
     steps_run = step - summary["start_step"]
