@@ -29,7 +29,7 @@ class PackedCorpus:
 def fingerprint(*arrays) -> dict:
     """What identifies a run's training examples: their count and a hash of their tokens (and labels).
 
-    Stored in every checkpoint; a resume whose data hash differs is refused (tests/test_resume.py), since the
+    Stored in every checkpoint; a resume whose data hash differs is refused (tests/test_finetune.py), since the
     saved data position would silently point at other examples. arrays: numpy arrays or lists of them, the
     first one giving the count. Hashes content, not paths: moving the data files keeps a run resumable.
     """
