@@ -94,6 +94,7 @@ def _metrics_log(run_dir: Path, resume_step: int):
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows (none if it is missing; a line cut by a crash is skipped)."""
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -105,10 +106,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(run_dir: Path) -> Path | None:
     """loss.png: training loss (and eval loss) against step."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         return None
     import matplotlib
