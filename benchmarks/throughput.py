@@ -102,8 +102,8 @@ def dense_products(size: str, batch: int, seq: int, n_pred: int) -> list[tuple[i
     """
     s, T = SIZES[size], batch * seq
     H, inner, layers = s["hidden_size"], s["intermediate_size"], s["num_layers"]
-    full = [(T, H, 3 * H), (T, H, H), (T, H, inner), (T, inner, H)]
-    last = [(T, H, 2 * H), (n_pred, H, H), (n_pred, H, H), (n_pred, H, inner), (n_pred, inner, H)]
+    full = [(T, H, H)] * 4 + [(T, H, inner), (T, inner, H)]  # query, key, value, out (separate Dense), MLP
+    last = [(T, H, H)] * 2 + [(n_pred, H, H)] * 2 + [(n_pred, H, inner), (n_pred, inner, H)]
     head = [(n_pred, H, H), (n_pred, H, 30522)]
     return full * (layers - 1) + last + head
 
