@@ -82,14 +82,8 @@ def _metrics_log(run_dir: Path, resume_step: int):
     """metrics.jsonl opened for append; lines past the resumed step (from a run that died later) are dropped."""
     path = run_dir / "metrics.jsonl"
     if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        path.write_text("".join(k + "\n" for k in kept))
+        kept = [r for r in _read_metrics(path) if r.get("step", 0) <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return path.open("a")
 
 
