@@ -40,15 +40,15 @@ DATA = ROOT.parent / "shared" / "data" / "conll2003"
 
 
 def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
+    from jaxfound.app.finetune import finetune
     from jaxfound.config import load_config
-    from jaxfound.finetune import finetune
 
     cfg = load_config(ROOT / "configs" / "ner_conll03.yaml", [
         f"run.dir={run_dir}", f"model.init={args.model}", f"data.train={files['train']}",
         f"data.valid={files['valid']}", f"data.test={files['test']}", f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.seed={seed}",
         f"data.seq_len={args.seq_len}", f"model.dtype={args.dtype}",
-    ])
+    ], verb="finetune")
     t0 = time.perf_counter()
     summary = finetune(cfg)
     total = time.perf_counter() - t0

@@ -86,10 +86,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxfound import finetune as ft
-    from jaxfound.data import finetune as ftdata
+    from jaxfound.app.quantize import interleaved_throughput, jax_runner, quantize_run, real_tokens
+    from jaxfound.inference import EVAL_BATCH, Predictor, predict_windows
     from jaxfound.quant import kernel
-    from jaxfound.quant.run import interleaved_throughput, jax_runner, quantize_run, real_tokens
+    from jaxfound.runs import open_run
     from jaxfound.sharding import global_batch, make_mesh
 
     tmp = Path(tempfile.mkdtemp(prefix="quant_conll03_"))
@@ -97,26 +97,30 @@ def main(argv=None) -> int:
 
     # ---- Quantize with the CLI's library function; reload everything from disk ----
     sizes = {m: quantize_run(args.run, m, tmp / m, register=False) for m in ("w8", "w8a8")}  # scratch copies
-    runs = {"jaxfound fp32": ft.load_run(args.run), "jaxfound w8": ft.load_run(tmp / "w8"),
-            "jaxfound w8a8": ft.load_run(tmp / "w8a8")}
+    runs = {"jaxfound fp32": open_run(args.run), "jaxfound w8": open_run(tmp / "w8"),
+            "jaxfound w8a8": open_run(tmp / "w8a8")}
     base = runs["jaxfound fp32"]
-    split = ft.read_split(eval_file, "ner", base.cfg.data, base.labels, base.tokenizer, base.cfg.data.seq_len)
-    mesh = make_mesh(dataclasses.replace(base.cfg.mesh, data=-1, fsdp=1, tensor=1))
-    batches = ftdata.eval_batches(split.windows, ft._eval_batch_size(mesh, ft.EVAL_BATCH), base.cfg.data.seq_len,
-                                  base.pad_id, True)
+    seq_len = base.config.data.seq_len
+    mesh = make_mesh(dataclasses.replace(base.config.mesh, data=-1, fsdp=1, tensor=1))
+    # one mesh, one eval batch size and one split for every model: the same length-sorted batches for all
+    predictors = {name: Predictor(run.model, base.task, base.labels, base.tokenizer, seq_len, EVAL_BATCH, mesh)
+                  for name, run in runs.items()}
+    reader = predictors["jaxfound fp32"]
+    split = reader.read(eval_file, base.config.data)
+    batches = reader.batches(split)
     placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, mesh) for _, b in batches]
     model_bytes = {"jaxfound fp32": sizes["w8"]["bytes_before"], "jaxfound w8": sizes["w8"]["bytes_after"],
                    "jaxfound w8a8": sizes["w8a8"]["bytes_after"]}
 
     # ---- One untimed pass per model: compiles, and its predictions give the F1 ----
     def f1(preds) -> float:
-        return float(ft.score("ner", split.gold, ft.decode("ner", split, preds, base.labels), base.labels)["f1"])
+        return float(base.task.score(split.gold, base.task.decode(split, preds, base.labels))["f1"])
 
     runners, results = {}, {}
     for name, run in runs.items():
-        step, params = ft.make_predict_step(run.model, mesh), jax.device_put(run.params)
-        results[name] = {"f1": f1(ft.predict_windows(step, params, batches, mesh, len(split.windows)))}
-        runners[name] = jax_runner(step, params, placed)
+        predictor, params = predictors[name], jax.device_put(run.params)
+        results[name] = {"f1": f1(predict_windows(predictor.step, params, batches, mesh, len(split.windows)))}
+        runners[name] = jax_runner(predictor.step, params, placed)
     if not args.no_torch:
         import torch
 

@@ -39,14 +39,14 @@ TARGETS = {"small": 2.0, "base": 1.3}
 
 
 def jax_bench(size: str, batch: int, seq: int, dropout: float, extra: list[str]):
-    from jaxfound.bench import build
+    from jaxfound.app.bench import build
     from jaxfound.config import load_config
 
     recipe = ROOT / "configs" / ("bert_small_mlm.yaml" if size == "small" else "bert_base_mlm.yaml")
     overrides = [f"model.{k}={v}" for k, v in SIZES[size].items()] + [
         "model.vocab_size=30522", "model.dtype=float32", "model.param_dtype=float32", f"model.dropout={dropout}",
         f"train.batch_size={batch}", f"data.seq_len={seq}", "mesh.data=1", "train.clip_norm=1.0", *extra]
-    return build(load_config(recipe, overrides))
+    return build(load_config(recipe, overrides, verb="bench"))
 
 
 def torch_bench(size: str, batch_np: dict, seq: int, dropout: float, threads: int):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxfound.errors import JaxfoundError
 
@@ -203,7 +204,6 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
             (root / str(step)).rename(target)
             log.warning("moved unreadable checkpoint step %d to %s", step, target)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxfound_checkpoint_quarantine")
     mngr.reload()
@@ -220,17 +220,6 @@ def _foreign_data_state(mngr: ocp.CheckpointManager, step: int) -> Path | None:
         return None
     written = sorted(data_dir.glob("process_0-of-*.json"))
     return written[0] if written else None
-
-
-def read_config(run_dir: str | Path) -> dict:
-    """The resolved config a run saved (run_dir/config.json)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise JaxfoundError(f"{path} not found: is {run_dir} a jaxfound run directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise JaxfoundError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def save_params(path: str | Path, params) -> None:

@@ -9,8 +9,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
+import jax
+
+from jaxfound.app import bench, evaluate, finetune, merge, pretrain, quantize
+from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
+from jaxfound.fusion import graph
 
 VERBS = {}
 
@@ -43,11 +49,7 @@ def _pretrain(p):
     _config_args(p)
 
     def run(args):
-        from jaxfound.config import load_config
-        from jaxfound.pretrain import pretrain
-
-        cfg = load_config(args.config, args.overrides)
-        summary = pretrain(cfg)
+        summary = pretrain.pretrain(load_config(args.config, args.overrides, verb="pretrain"))
         summary.pop("state", None)
         first, last = summary.get("first_eval") or {}, summary.get("last_eval") or {}
         table = {
@@ -69,13 +71,10 @@ def _bench(p):
     p.add_argument("--out", default=None, help="write the report as JSON here")
 
     def run(args):
-        from jaxfound.bench import benchmark, format_table, write_report
-        from jaxfound.config import load_config
-
-        report = benchmark(load_config(args.config, args.overrides), args.steps, args.warmup)
-        print(format_table(report))
+        report = bench.benchmark(load_config(args.config, args.overrides, verb="bench"), args.steps, args.warmup)
+        print(bench.format_table(report))
         if args.out:
-            write_report(report, args.out)
+            bench.write_report(report, args.out)
             print(f"wrote {args.out}")
         return 0
     return run
@@ -86,11 +85,8 @@ def _finetune(p):
     _config_args(p, "configs/ner_conll03.yaml")
 
     def run(args):
-        from jaxfound.config import CONFIG_DIR, load_config
-        from jaxfound.finetune import finetune
-
-        cfg = load_config(args.config or CONFIG_DIR / "ner_conll03.yaml", args.overrides)
-        summary = finetune(cfg)
+        summary = finetune.finetune(load_config(args.config or CONFIG_DIR / "ner_conll03.yaml", args.overrides,
+                                                verb="finetune"))
         best = summary.get("best") or {}
         table = {"run dir": summary["run_dir"], "steps": summary["steps"], "seconds": summary["seconds"],
                  "best step": best.get("step"), "final train loss": summary["final_loss"]}
@@ -108,9 +104,7 @@ def _evaluate(p):
     p.add_argument("--out", default=None, help="also write the report as JSON here")
 
     def run(args):
-        from jaxfound.finetune import evaluate
-
-        report = evaluate(args.run, args.file, args.out)
+        report = evaluate.evaluate(args.run, args.file, args.out)
         print(report["table"])
         return 0
     return run
@@ -123,17 +117,13 @@ def _predict(p):
     p.add_argument("texts", nargs="*", help="texts to label (whitespace-tokenized for ner)")
 
     def run(args):
-        from pathlib import Path
-
-        from jaxfound.finetune import predict
-
         texts = list(args.texts)
         if args.file:
             try:
                 texts += Path(args.file).read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
                 raise JaxfoundError(f"--file {args.file}: cannot read it as UTF-8 text ({e})") from None
-        for row in predict(args.run, texts):
+        for row in evaluate.predict(args.run, texts):
             row.pop("tags", None)
             print(json.dumps(row, ensure_ascii=False))
         return 0
@@ -150,9 +140,8 @@ def _quantize(p):
     p.add_argument("--rounds", type=int, default=3, help="timed passes over the eval file (after a warm-up pass)")
 
     def run(args):
-        from jaxfound.quant.run import format_table, quantize_run
-
-        print(format_table(quantize_run(args.checkpoint, args.mode, args.out, args.eval, rounds=args.rounds)))
+        report = quantize.quantize_run(args.checkpoint, args.mode, args.out, args.eval, rounds=args.rounds)
+        print(quantize.format_table(report))
         return 0
     return run
 
@@ -173,18 +162,16 @@ def _merge(p):
     p.add_argument("--seed", type=int, default=0, help="dare: the drop mask's seed")
 
     def run(args):
-        from jaxfound.fusion.registry import merge_from_registry, run_recipe
-
         if args.recipe:
             if not args.out:
                 raise JaxfoundError("--recipe needs --out DIR (where the merged model is written)")
-            summary = run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed)
+            summary = merge.run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed)
             _print_summary(summary, list(summary))
             return 0
         if not args.target_task or not args.registry:
             raise JaxfoundError("give --target-task T --registry R (plan from the graph) or --recipe R.yaml --out DIR")
-        report = merge_from_registry(args.registry, args.target_task, args.method, args.out, args.name, args.force,
-                                     density=args.density, lam=args.lam, seed=args.seed)
+        report = merge.merge_from_registry(args.registry, args.target_task, args.method, args.out, args.name,
+                                           args.force, density=args.density, lam=args.lam, seed=args.seed)
         table = {k: report.get(k) for k in ("name", "method", "metric", "split", "score", "best_parent",
                                             "best_parent_score", "delta", "registered", "out")}
         _print_summary(table, list(table))
@@ -200,19 +187,16 @@ def _graph(p):
     p.add_argument("--registry", required=True, help="registry directory holding graph.json")
 
     def run(args):
-        from jaxfound.fusion import graph as G
-        from jaxfound.fusion.registry import describe
-
-        g = G.load(args.registry)
+        g = graph.load(args.registry)
         if args.action == "show":
-            print(describe(g))
+            print(merge.describe(g))
         elif not args.target:
             raise JaxfoundError(f"graph {args.action} needs an argument: "
                                 f"{'a model name' if args.action == 'lineage' else 'the output path, e.g. graph.png'}")
         elif args.action == "lineage":
-            print(" <- ".join([args.target, *G.lineage(g, args.target)]))
+            print(" <- ".join([args.target, *graph.lineage(g, args.target)]))
         else:
-            print(f"wrote {G.plot(g, args.target)}")
+            print(f"wrote {graph.plot(g, args.target)}")
         return 0
     return run
 
@@ -223,17 +207,7 @@ def _export(p):
     p.add_argument("--out", required=True, help="directory that transformers' from_pretrained will load")
 
     def run(args):
-        import jax
-        import numpy as np
-
-        from jaxfound.finetune import load_run
-        from jaxfound.interop.hf import save_pretrained
-
-        loaded = load_run(args.run)
-        if any(np.dtype(x.dtype) == np.int8 for x in jax.tree.leaves(loaded.params)):
-            raise JaxfoundError(f"{args.run} is int8-quantized; export the float run it came from")
-        out = save_pretrained(args.out, loaded.model, loaded.params, tokenizer=loaded.tokenizer,
-                              id2label=loaded.labels)
+        out = evaluate.export(args.run, args.out)
         print(f"wrote {out} (load it with transformers' from_pretrained)")
         return 0
     return run
@@ -273,19 +247,11 @@ def main(argv=None) -> int:
 
 def _exit_if_distributed(code: int) -> None:
     """After jax.distributed a process can hang at interpreter exit: flush and leave explicitly."""
-    if "jax" not in sys.modules:
-        return
-    import jax
-
     if jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         jax.distributed.shutdown()
         os._exit(code)
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 if __name__ == "__main__":

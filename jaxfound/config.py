@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = _choice("mlm", "mlm", "clm", "ner", "cls")
+    task: str = _choice("mlm", "mlm", "clm", "ner", "cls", "pos", "chunk")  # pos / chunk: tag CoNLL column 1 / 2
     steps: int = 300  # pretraining steps (fine-tuning uses epochs)
     schedule_steps: int = 0  # length of the lr schedule; 0 = train.steps (set it to stop early and resume later)
     epochs: int = 3
@@ -124,7 +124,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -135,6 +134,36 @@ _SECTION_TYPES = {
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_RECIPE = "bert_tiny_mlm.yaml"
+
+
+def _keys(cls, *without: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in without)
+
+
+# The keys each verb takes: load_config(..., verb=) rejects any other key set, which that verb would ignore.
+_SHARED = {"run": _keys(RunConfig), "mesh": _keys(MeshConfig), "checkpoint": _keys(CheckpointConfig)}
+_PRETRAIN = {
+    **_SHARED,
+    "model": _keys(ModelConfig, "num_labels", "init", "quant"),  # continued pretraining (model.init): not yet
+    "data": ("path", "format", "text_field", "tokenizer", "tokenizer_vocab", "seq_len", "mask_prob",
+             "valid_fraction", "synthetic_docs"),
+    "train": ("task", "steps", "schedule_steps", "batch_size", "grad_accum", "seed", "log_every", "eval_every",
+              "eval_at_start", "eval_batches", "lr", "warmup_steps", "schedule", "weight_decay", "b1", "b2", "eps",
+              "clip_norm", "nonfinite"),
+}
+VERB_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "pretrain": _PRETRAIN,
+    "bench": dict(_PRETRAIN),  # benchmarks pretraining recipes
+    "finetune": {
+        **_SHARED,
+        "model": _keys(ModelConfig, "num_labels", "quant"),
+        "data": ("tokenizer", "seq_len", "train", "valid", "test", "token_column", "tag_column", "text_column",
+                 "label_column", "length_bucketing"),
+        "train": ("task", "epochs", "batch_size", "grad_accum", "seed", "log_every", "eval_at_start", "lr",
+                  "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "b1", "b2", "eps", "clip_norm",
+                  "nonfinite", "freeze"),  # evaluation is per epoch: no steps, eval_every, eval_batches
+    },
+}
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -283,8 +312,9 @@ def read_yaml(path: str | Path) -> dict:
     return raw if raw is not None else {}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML recipe (default: configs/bert_tiny_mlm.yaml) and apply dotted overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), verb: str | None = None) -> Config:
+    """Read a YAML recipe (default: configs/bert_tiny_mlm.yaml) and apply dotted overrides; with ``verb``
+    ("pretrain", "finetune", "bench"), a key set in either that the verb does not take (VERB_KEYS) is an error."""
     path = Path(path) if path else CONFIG_DIR / DEFAULT_RECIPE
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -298,7 +328,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
         raw[section][key] = value
-    return from_dict(raw, source=f"{path}" + (" + overrides" if overrides else ""))
+    source = f"{path}" + (" + overrides" if overrides else "")
+    taken = VERB_KEYS[verb] if verb is not None else {}
+    for section, values in raw.items():
+        if section not in taken or not isinstance(values, dict):
+            continue  # unknown sections and keys, bad values: from_dict names them
+        for key in values:
+            if key not in taken[section] and key in _keys(_SECTION_TYPES[section]):
+                raise JaxfoundError(f"{source}: key '{section}.{key}' is not used by `jaxfound {verb}` "
+                                    f"({section} keys it takes: {', '.join(taken[section])})")
+    return from_dict(raw, source=source)
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

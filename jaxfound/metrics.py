@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from seqeval.metrics import classification_report
 
 AVERAGES = ("micro avg", "macro avg", "weighted avg")
 
@@ -14,8 +15,6 @@ def entity_report(gold: list[list[str]], pred: list[list[str]]) -> dict:
 
     Returns {type: {...}, 'micro avg': {...}, ..., 'precision', 'recall', 'f1'} (the last three: micro).
     """
-    from seqeval.metrics import classification_report
-
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     report = {k: {m: float(v) for m, v in row.items()} for k, row in report.items()}
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})

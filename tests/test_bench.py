@@ -1,4 +1,4 @@
-"""jaxfound.bench: per-device bytes by mesh, XLA FLOP counts, peaks, synthetic batches, the report and the verb."""
+"""jaxfound.app.bench: per-device bytes by mesh, XLA FLOP counts, peaks, synthetic batches, the report and the verb."""
 
 import json
 from types import SimpleNamespace
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxfound import bench
+from jaxfound.app import bench
 from jaxfound.cli import main
 from jaxfound.config import load_config
 from jaxfound.errors import JaxfoundError

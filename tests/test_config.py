@@ -3,7 +3,7 @@
 import pytest
 
 from jaxfound.cli import main
-from jaxfound.config import CONFIG_DIR, load_config, parse_override
+from jaxfound.config import CONFIG_DIR, VERB_KEYS, Config, load_config, parse_override, to_dict
 from jaxfound.errors import JaxfoundError
 
 
@@ -52,6 +52,70 @@ def test_every_recipe_is_valid():
     for path in recipes:
         load_config(path)
         assert path.read_text().startswith("#"), f"{path.name} should open with the command that runs it"
+
+
+PRETRAIN_RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name.endswith(("_mlm.yaml", "_clm.yaml")))
+FINETUNE_RECIPES = ["ner_conll03.yaml", "cls_tiny.yaml"]
+
+
+def test_every_recipe_has_a_verb():
+    recipes = {p.name for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("merge_")}
+    assert PRETRAIN_RECIPES and recipes == set(PRETRAIN_RECIPES) | set(FINETUNE_RECIPES)
+
+
+@pytest.mark.parametrize("name, verb", [(n, v) for n in PRETRAIN_RECIPES for v in ("pretrain", "bench")]
+                         + [(n, "finetune") for n in FINETUNE_RECIPES])
+def test_recipe_loads_for_its_verb(name, verb):
+    load_config(CONFIG_DIR / name, verb=verb)
+
+
+def test_verb_keys_name_real_keys():
+    sections = to_dict(Config())
+    for verb, table in VERB_KEYS.items():
+        assert set(table) == set(sections), verb
+        for section, keys in table.items():
+            assert set(keys) <= set(sections[section]), (verb, section)
+    assert VERB_KEYS["bench"] == VERB_KEYS["pretrain"]
+
+
+def test_finetune_rejects_train_steps_naming_verb_and_keys():
+    with pytest.raises(JaxfoundError) as e:
+        load_config(CONFIG_DIR / "ner_conll03.yaml", ["train.steps=300"], verb="finetune")
+    msg = str(e.value)
+    assert "\n" not in msg and "ner_conll03.yaml + overrides" in msg
+    assert "'train.steps'" in msg and "`jaxfound finetune`" in msg and "epochs" in msg
+
+
+@pytest.mark.parametrize("recipe, override, verb", [
+    ("ner_conll03.yaml", "train.steps=300", "finetune"),
+    ("ner_conll03.yaml", "train.eval_every=5", "finetune"),
+    ("ner_conll03.yaml", "data.path=corpus.txt", "finetune"),
+    ("bert_tiny_mlm.yaml", "train.epochs=2", "pretrain"),
+    ("bert_tiny_mlm.yaml", "model.init=x", "pretrain"),
+    ("bert_tiny_mlm.yaml", "train.freeze=trunk", "bench"),
+    ("bert_tiny_mlm.yaml", "data.train=x.txt", "bench"),
+])
+def test_key_the_verb_ignores_is_an_error(recipe, override, verb):
+    key = override.partition("=")[0]
+    with pytest.raises(JaxfoundError, match=f"key '{key}' is not used by `jaxfound {verb}`"):
+        load_config(CONFIG_DIR / recipe, [override], verb=verb)
+    load_config(CONFIG_DIR / recipe, [override])  # verb=None: the union config takes every key
+
+
+def test_verb_check_reads_the_file_not_the_defaults(tmp_path):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text("train:\n  task: pos\n  steps: 10\n")
+    with pytest.raises(JaxfoundError, match=r"ft.yaml: key 'train.steps' .*train keys it takes: task, epochs"):
+        load_config(recipe, verb="finetune")
+    assert load_config(recipe).train.task == "pos"  # defaults (train.steps=300 for finetune) are never checked
+    assert load_config(CONFIG_DIR / "ner_conll03.yaml", ["train.task=chunk"], verb="finetune").train.task == "chunk"
+
+
+def test_unknown_key_and_verb():
+    with pytest.raises(JaxfoundError, match="unknown key 'train.stepz'"):
+        load_config(CONFIG_DIR / "ner_conll03.yaml", ["train.stepz=3"], verb="finetune")
+    with pytest.raises(KeyError):
+        load_config(None, verb="serve")
 
 
 def test_cli_bad_config_exits_2_with_one_line(capsys):

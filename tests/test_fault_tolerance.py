@@ -279,7 +279,7 @@ def tiny_job_parts(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("nan_base")
     cfg = load_config(None, [o for o in TINY if not o.startswith("train.steps")] + [f"run.dir={base}"])
-    data = prepare_pretraining(cfg, str(base))
+    data = prepare_pretraining(cfg, base / "tokenizer")
     task = get_task("mlm", "bert")
     model = build_model(__import__("dataclasses").replace(cfg.model, vocab_size=data.vocab_size), task.head)
     return cfg, data, task, model

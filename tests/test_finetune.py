@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 from jaxfound import cli
+from jaxfound.app.evaluate import evaluate as evaluate_run
+from jaxfound.app.evaluate import predict
+from jaxfound.app.finetune import finetune
 from jaxfound.config import load_config
 from jaxfound.data import finetune as ftdata
 from jaxfound.data.conll import read_conll
 from jaxfound.errors import JaxfoundError
-from jaxfound.finetune import evaluate as evaluate_run
-from jaxfound.finetune import finetune, load_run, predict, whitespace_words
+from jaxfound.runs import open_run as load_run
+from jaxfound.tasks import whitespace_words
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

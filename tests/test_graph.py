@@ -32,10 +32,10 @@ def g():
 
 
 def test_vertices_have_kinds_and_attributes(g):
-    assert G._vertex(g, "conll")["kind"] == "dataset"
-    assert G._vertex(g, "wordpiece-8k")["kind"] == "tokenizer"
-    assert G._vertex(g, "bert-ner")["signature"] == "sigA"  # inherited from its base
-    assert G._vertex(g, "bert-tiny")["sizes"] == {"layers": 2, "embed": 64}
+    assert G.vertex(g, "conll")["kind"] == "dataset"
+    assert G.vertex(g, "wordpiece-8k")["kind"] == "tokenizer"
+    assert G.vertex(g, "bert-ner")["signature"] == "sigA"  # inherited from its base
+    assert G.vertex(g, "bert-tiny")["sizes"] == {"layers": 2, "embed": 64}
     merged = [e for e in g.es if e["relation"] == "merged_from"]
     assert [(e["method"], e["coefficient"]) for e in merged] == [("linear", 0.5), ("linear", 0.5)]
 

@@ -161,7 +161,7 @@ def test_cli_pretrain_on_hostile_corpus_exits_2_and_leaves_no_summary(work, data
     _case("cli pretrain corpus")
     corpus = _file(work, data, suffix)
     run_dir = work / f"run{next(_ids)}"
-    with mock.patch("jaxfound.pretrain.fit", side_effect=_Accepted):
+    with mock.patch("jaxfound.app.pretrain.build", side_effect=_Accepted):
         rc, stderr = _cli(["pretrain", f"data.path={corpus}", f"run.dir={run_dir}", "data.seq_len=16",
                            "model.max_position=16", "data.tokenizer_vocab=128", "train.batch_size=2"])
     _assert_one_line_error(rc, stderr, "pretrain")
@@ -223,7 +223,7 @@ def test_key_value_overrides_random_strings(items):
        items=st.lists(overrides.filter(lambda o: not o.startswith("-")), max_size=2))
 def test_cli_pretrain_hostile_config_exits_2_with_one_line(work, text, items):
     _case("cli pretrain config")
-    with mock.patch("jaxfound.pretrain.pretrain", side_effect=_Accepted):
+    with mock.patch("jaxfound.app.pretrain.pretrain", side_effect=_Accepted):
         rc, stderr = _cli(["pretrain", "--config", str(_file(work, text, ".yaml")), *items])
     _assert_one_line_error(rc, stderr, "pretrain")
     REJECTED[_kind[0]] += rc == 2

@@ -72,9 +72,10 @@ def test_train_step_equals_mean_gradients_through_optax_clip_and_adamw():
 
     from jaxfound.config import ModelConfig
     from jaxfound.models import build_model
+    from jaxfound.train.losses import mlm_loss
     from jaxfound.train.optim import decay_mask
     from jaxfound.train.state import TrainState
-    from jaxfound.train.step import mlm_loss, train_step
+    from jaxfound.train.step import train_step
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                       max_position=16, dropout=0.0)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from jaxfound import cli
-from jaxfound.config import ModelConfig, load_config
+from jaxfound.app.merge import registry_loader
+from jaxfound.app.registry import register_finetune_run
+from jaxfound.config import Config, ModelConfig, TrainConfig, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph as G
 from jaxfound.fusion import merge as M
 from jaxfound.fusion.plan import coefficients, execute_plan, fuse, parse_recipe, plan_merge
-from jaxfound.fusion.registry import LoadedModel, load_model, register_finetune_run, registry_loader, write_model
 from jaxfound.models import build_model
+from jaxfound.runs import open_run, write_run
 
 TINY = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position=16,
                    num_labels=3, dropout=0.0)
@@ -169,7 +171,7 @@ def test_execute_plan_records_merged_from_edges_and_scores(g, zoo):
     assert edges == {n: ("ties", pytest.approx(c)) for n, c in plan.coefficients.items()}
     assert {(s["metric"], s["split"]) for s in G.scores(g, "ner-ties")} == {("f1", "valid")}
     assert G.lineage(g, "ner-ties")[:4] == ["ner-a", "ner-b", "ner-c", "pos"]
-    assert G._vertex(g, "ner-ties")["merge_params"] == {"lam": 1.0, "normalize": True, "density": 0.5}
+    assert G.vertex(g, "ner-ties")["merge_params"] == {"lam": 1.0, "normalize": True, "density": 0.5}
 
 
 def test_execute_plan_refuses_a_worse_model_unless_forced(g, zoo):
@@ -195,19 +197,19 @@ def test_greedy_soup_keeps_only_ingredients_that_do_not_hurt(g, zoo):
 
 def test_plan_from_disk_through_the_registry_hooks(zoo, tmp_path):
     """register_finetune_run on real run dirs -> plan -> execute with the registry loader."""
-    template = LoadedModel("", TINY, "token_cls", "ner", {}, ["B", "I", "O"], None)
+    template = Config(model=TINY, train=TrainConfig(task="ner"))
     base_dir = tmp_path / "minilm"
     base_dir.mkdir()
     reg = tmp_path / "registry"
     for name, f1 in (("ner-a", 0.8), ("ner-b", 0.78)):
-        run = write_model(tmp_path / name, template, zoo[name])
+        run = write_run(tmp_path / name, template, zoo[name], labels=["B", "I", "O"])
         cfg = load_config(None, [f"run.dir={run}", f"run.registry={reg}", f"model.init={base_dir}",
                                  "data.train=/data/conll2003/train.txt", "train.task=ner"])
         assert register_finetune_run(cfg, {"reports": {"valid": {"f1": f1}, "test": {"f1": f1 - 0.1}}}) == name
     g = G.load(reg)
     assert G.lineage(g, "ner-a") == ["minilm", "minilm-corpus"]
     assert G.best_model(g, "conll2003/ner", "f1", "valid") == ("ner-a", 0.8)
-    assert G._vertex(g, "ner-a")["labels"] == ["B", "I", "O"]
+    assert G.vertex(g, "ner-a")["labels"] == ["B", "I", "O"]
     plan = plan_merge(g, "conll2003/ner", "average")
     assert [c.name for c in plan.candidates] == ["ner-a", "ner-b"]
     params, report = execute_plan(plan, registry_loader(g), lambda p: 0.9, g=g, name="soup")
@@ -280,8 +282,8 @@ base_model: {hf_dirs['base']}
 parameters: {{lambda: 0.6}}
 """)
     assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "out")]) == 0
-    merged = load_model(tmp_path / "out")
-    assert merged.labels == ["O", "B-PER", "I-PER"] and merged.head == "token_cls"
+    merged = open_run(tmp_path / "out")
+    assert merged.labels == ["O", "B-PER", "I-PER"] and merged.model.head == "token_cls"
     a, b, base = _state(hf_dirs["a"]), _state(hf_dirs["b"]), _state(hf_dirs["base"])
     key = "bert.encoder.layer.0.intermediate.dense.weight"
     base_w = {k.removeprefix("bert."): v for k, v in base.items()}  # BertModel names lack the prefix

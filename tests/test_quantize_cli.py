@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from jaxfound import cli
+from jaxfound.app.evaluate import evaluate, predict
+from jaxfound.app.finetune import finetune
+from jaxfound.app.quantize import interleaved_throughput
 from jaxfound.config import load_config
-from jaxfound.finetune import evaluate, finetune, load_run, predict
-from jaxfound.quant.run import interleaved_throughput
+from jaxfound.runs import open_run as load_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,8 +38,8 @@ def write_toy_conll(path: Path, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two fine-tunes (seeds 0, 1) of one tiny random BERT on toy NER, and their linear merge (a run dir)."""
+    from jaxfound.app.merge import write_merged
     from jaxfound.fusion.merge import linear
-    from jaxfound.fusion.registry import load_model, write_model
 
     root = tmp_path_factory.mktemp("quant")
     tok = transformers.AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
@@ -52,8 +54,8 @@ def runs(tmp_path_factory):
             f"run.dir={root / f'run{seed}'}", f"model.init={root / 'base'}", f"data.train={train}",
             f"data.valid={valid}", "data.seq_len=32", "train.task=ner", "train.epochs=3", "train.batch_size=16",
             "train.lr=3e-3", f"train.seed={seed}", "checkpoint.every=0", "model.dropout=0.0"]))
-    a, b = load_model(root / "run0"), load_model(root / "run1")
-    write_model(root / "merged", a, linear([a.params, b.params]))
+    a, b = load_run(root / "run0"), load_run(root / "run1")
+    write_merged(root / "merged", a, linear([a.params, b.params]), {"method": "linear"})
     return {"root": root, "run": root / "run0", "merged": root / "merged", "valid": valid}
 
 

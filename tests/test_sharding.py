@@ -8,9 +8,10 @@ from jaxfound.config import MeshConfig, ModelConfig, TrainConfig
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
 from jaxfound.sharding import bytes_per_device, make_mesh, mesh_shape
+from jaxfound.train.losses import mlm_loss
 from jaxfound.train.optim import make_optimizer
 from jaxfound.train.state import init_state, state_shardings
-from jaxfound.train.step import make_train_step, mlm_loss
+from jaxfound.train.step import make_train_step
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                   max_position=32, dropout=0.1)

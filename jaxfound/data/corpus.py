@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 from jaxfound.errors import JaxfoundError
@@ -59,7 +60,6 @@ def read_documents(path: str, fmt: str = "auto", text_field: str = "text") -> li
 
 def _read_jsonl(path: str, files: list[str], text_field: str) -> list[str]:
     """JSON lines (or one JSON array) of objects; every problem names the file and line."""
-    import json
 
     docs, seen_field = [], False
     for f in files:

@@ -52,7 +52,7 @@ class Windows:
         return len(self.input_ids)
 
 
-def _specials(tokenizer) -> tuple[int, int, int]:
+def special_ids(tokenizer) -> tuple[int, int, int]:
     cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -89,7 +89,7 @@ def encode_words(sentences_words, sentence_label_ids, tokenizer, seq_len: int, s
     if not getattr(tokenizer, "is_fast", False):
         raise JaxfoundError("word alignment needs a fast (Rust) tokenizer with word_ids(); "
                             "save the tokenizer with tokenizer.json")
-    cls_id, sep_id, _ = _specials(tokenizer)
+    cls_id, sep_id, _ = special_ids(tokenizer)
     width = seq_len - 2
     stride = stride or max(1, width // 2)
     enc = tokenizer([list(w) for w in sentences_words], is_split_into_words=True, add_special_tokens=False)
@@ -208,7 +208,7 @@ def encode_texts(texts: list[str], label_ids, tokenizer, seq_len: int) -> tuple[
     enc = tokenizer(list(texts), truncation=False, add_special_tokens=True)
     out = Windows([], [], [], [], np.arange(len(texts)), np.ones(len(texts), np.int64), 0, 0)
     truncated = 0
-    _, sep_id, _ = _specials(tokenizer)
+    _, sep_id, _ = special_ids(tokenizer)
     for i, ids in enumerate(enc["input_ids"]):
         ids = np.asarray(ids, np.int32)
         if len(ids) > seq_len:

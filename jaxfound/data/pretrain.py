@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxfound.data.corpus import read_documents
-from jaxfound.data.pipeline import ExampleStream, PackedCorpus, StreamSpec, pack_documents
+from jaxfound.data.pipeline import ExampleStream, StreamSpec, pack_documents
 from jaxfound.data.synthetic import synthetic_corpus
-from jaxfound.data.tokenizer import load_tokenizer, train_tokenizer
+from jaxfound.data.tokenizer import load_tokenizer, padded_vocab, train_tokenizer
 from jaxfound.errors import JaxfoundError
 
 
@@ -25,19 +25,13 @@ class PretrainData:
     num_tokens: int
 
 
-def _round_up(n: int, multiple: int = 128) -> int:
-    return -(-n // multiple) * multiple
-
-
-def prepare_pretraining(cfg, run_dir: str) -> PretrainData:
-    """Read (or synthesise) the corpus, load or train the tokenizer, pack, and split off held-out rows."""
-    from jaxfound.train.loop import check_run_dir
-
-    check_run_dir(Path(run_dir))  # the tokenizer is written there: fail before reading the corpus, not after
+def prepare_pretraining(cfg, tokenizer_dir: str | Path) -> PretrainData:
+    """Read (or synthesise) the corpus, load data.tokenizer or train one (saved in tokenizer_dir, reused from there
+    on resume), pack, and split off held-out rows."""
     data, train = cfg.data, cfg.train
     docs = synthetic_corpus(data.synthetic_docs, seed=0) if data.path is None else read_documents(
         data.path, data.format, data.text_field)
-    tok_dir = Path(run_dir) / "tokenizer"
+    tok_dir = Path(tokenizer_dir)
     if data.tokenizer:
         tokenizer = load_tokenizer(data.tokenizer)
     elif (tok_dir / "tokenizer.json").exists():  # a resumed run reuses its own tokenizer
@@ -45,13 +39,11 @@ def prepare_pretraining(cfg, run_dir: str) -> PretrainData:
     elif jax.process_count() == 1:
         tokenizer = train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
     else:  # one process trains and saves, the others load the same files (the run dir is shared storage)
-        from jax.experimental import multihost_utils
-
         if jax.process_index() == 0:
             train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
         multihost_utils.sync_global_devices("jaxfound_tokenizer_trained")
         tokenizer = load_tokenizer(str(tok_dir))
-    vocab_size = cfg.model.vocab_size or _round_up(len(tokenizer))
+    vocab_size = cfg.model.vocab_size or padded_vocab(len(tokenizer))
     if vocab_size < len(tokenizer):
         raise JaxfoundError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 
@@ -79,6 +71,3 @@ def prepare_pretraining(cfg, run_dir: str) -> PretrainData:
         num_tokens=int(sum(len(t) for t in token_lists)),
     )
 
-
-def packed_rows(corpus: PackedCorpus) -> int:
-    return int(np.asarray(corpus.ids_NxL).shape[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 from jaxfound.errors import JaxfoundError
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -24,7 +26,6 @@ def load_tokenizer(path: str):
 
 def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
     """Train a tokenizer on docs, save it as a Hugging Face directory in out_dir, and return it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if arch == "bert":
@@ -52,3 +53,8 @@ def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(out_dir)
     return fast
+
+
+def padded_vocab(num_tokens: int, multiple: int = 128) -> int:
+    """The model's vocabulary size for a tokenizer: rounded up so the embedding shards and tiles evenly."""
+    return -(-num_tokens // multiple) * multiple

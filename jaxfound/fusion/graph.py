@@ -46,7 +46,7 @@ def new_graph() -> ig.Graph:
     return ig.Graph(directed=True)
 
 
-def _vertex(g: ig.Graph, name: str, kind: str | None = None) -> ig.Vertex:
+def vertex(g: ig.Graph, name: str, kind: str | None = None) -> ig.Vertex:
     """The vertex called name (of that kind, when given), or a JaxfoundError listing what exists."""
     found = g.vs.select(name_eq=name) if g.vcount() else []
     if not found:
@@ -58,12 +58,12 @@ def _vertex(g: ig.Graph, name: str, kind: str | None = None) -> ig.Vertex:
     return v
 
 
-def _get(item: ig.Vertex | ig.Edge, attr: str):
-    """item[attr], or None where no vertex (edge) of the graph has that attribute yet."""
-    return item.attributes().get(attr)
+def attr(item: ig.Vertex | ig.Edge, key: str):
+    """item[key], or None where no vertex (edge) of the graph has that attribute yet."""
+    return item.attributes().get(key)
 
 
-def _has(g: ig.Graph, name: str) -> bool:
+def has(g: ig.Graph, name: str) -> bool:
     return g.vcount() > 0 and len(g.vs.select(name_eq=name)) > 0
 
 
@@ -72,8 +72,8 @@ def _add_vertex(g: ig.Graph, kind: str, name: str, attrs: Mapping) -> ig.Vertex:
         raise JaxfoundError(f"vertex kind '{kind}' is unknown; valid kinds: {', '.join(KINDS)}")
     if not isinstance(name, str) or not name:
         raise JaxfoundError(f"vertex name must be a non-empty string, got {name!r}")
-    if _has(g, name):
-        raise JaxfoundError(f"a vertex named '{name}' already exists ({_vertex(g, name)['kind']}); names are unique")
+    if has(g, name):
+        raise JaxfoundError(f"a vertex named '{name}' already exists ({vertex(g, name)['kind']}); names are unique")
     clean = {k: v for k, v in attrs.items() if v is not None}
     try:
         json.dumps(clean)
@@ -111,22 +111,22 @@ def add_edge(g: ig.Graph, source: str, target: str, relation: str, **attrs) -> i
     if relation not in RELATIONS:
         raise JaxfoundError(f"relation '{relation}' is unknown; valid relations: {', '.join(RELATIONS)}")
     src_kind, dst_kind = RELATIONS[relation]
-    s, t = _vertex(g, source, src_kind), _vertex(g, target, dst_kind)
+    s, t = vertex(g, source, src_kind), vertex(g, target, dst_kind)
     return g.add_edge(s.index, t.index, relation=relation, **{k: v for k, v in attrs.items() if v is not None})
 
 
-def _ensure(g: ig.Graph, kind: str, name: str) -> None:
-    if not _has(g, name):
+def ensure(g: ig.Graph, kind: str, name: str) -> None:
+    if not has(g, name):
         _add_vertex(g, kind, name, {})
     else:
-        _vertex(g, name, kind)
+        vertex(g, name, kind)
 
 
 def record_score(g: ig.Graph, model: str, task: str, metric: str, value: float, split: str = "test") -> None:
     """model --evaluated_on--> task with (metric, split, value), replacing an earlier score of the same key."""
-    m, t = _vertex(g, model, "model"), _vertex(g, task, "task")
-    old = [e.index for e in _out_edges(g, m, ["evaluated_on"])
-           if e.target == t.index and _get(e, "metric") == metric and _get(e, "split") == split]
+    m, t = vertex(g, model, "model"), vertex(g, task, "task")
+    old = [e.index for e in out_edges(g, m, ["evaluated_on"])
+           if e.target == t.index and attr(e, "metric") == metric and attr(e, "split") == split]
     g.delete_edges(old)
     add_edge(g, model, task, "evaluated_on", metric=metric, split=split, value=float(value))
 
@@ -135,10 +135,10 @@ def register_pretrain(g: ig.Graph, model: str, path: str | None, dataset: str, *
                       **attrs) -> ig.Vertex:
     """A pretrained base model with its corpus (and tokenizer), creating those vertices if new."""
     v = add_model(g, model, path=path, **attrs)
-    _ensure(g, "dataset", dataset)
+    ensure(g, "dataset", dataset)
     add_edge(g, model, dataset, "pretrained_on")
     if tokenizer is not None:
-        _ensure(g, "tokenizer", tokenizer)
+        ensure(g, "tokenizer", tokenizer)
         add_edge(g, model, tokenizer, "tokenized_with")
     return v
 
@@ -146,16 +146,16 @@ def register_pretrain(g: ig.Graph, model: str, path: str | None, dataset: str, *
 def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, dataset: str, task: str,
                       scores: Mapping[str, float] | None = None, split: str = "test", **attrs) -> ig.Vertex:
     """A fine-tuned model: finetuned_from base, trained_on dataset, evaluated_on task with scores {metric: value}."""
-    base_v = _vertex(g, base, "model")
+    base_v = vertex(g, base, "model")
     # a fine-tune keeps its base's trunk unless told otherwise (e.g. a resized vocabulary)
-    attrs = {"arch": _get(base_v, "arch"), "signature": _get(base_v, "signature")} | attrs
+    attrs = {"arch": attr(base_v, "arch"), "signature": attr(base_v, "signature")} | attrs
     v = add_model(g, model, path=path, **attrs)
     add_edge(g, model, base, "finetuned_from")
-    _ensure(g, "dataset", dataset)
+    ensure(g, "dataset", dataset)
     add_edge(g, model, dataset, "trained_on")
-    _ensure(g, "task", task)
-    task_v, dataset_v = _vertex(g, task), _vertex(g, dataset)
-    if not any(e.target == dataset_v.index for e in _out_edges(g, task_v, ["defined_on"])):
+    ensure(g, "task", task)
+    task_v, dataset_v = vertex(g, task), vertex(g, dataset)
+    if not any(e.target == dataset_v.index for e in out_edges(g, task_v, ["defined_on"])):
         add_edge(g, task, dataset, "defined_on")
     for metric, value in (scores or {}).items():
         record_score(g, model, task, metric, value, split)
@@ -165,10 +165,10 @@ def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, data
 def register_merge(g: ig.Graph, model: str, path: str | None, sources: Mapping[str, float], method: str,
                    **attrs) -> ig.Vertex:
     """A merged model: merged_from each source with (method, coefficient)."""
-    first = _vertex(g, next(iter(sources)), "model") if sources else None
+    first = vertex(g, next(iter(sources)), "model") if sources else None
     if first is None:
         raise JaxfoundError(f"register_merge '{model}': sources is empty; give {{model name: coefficient}}")
-    attrs = {"arch": _get(first, "arch"), "signature": _get(first, "signature")} | attrs
+    attrs = {"arch": attr(first, "arch"), "signature": attr(first, "signature")} | attrs
     v = add_model(g, model, path=path, merge_method=method, **attrs)
     for source, coefficient in sources.items():
         add_edge(g, model, source, "merged_from", method=method, coefficient=float(coefficient))
@@ -178,8 +178,8 @@ def register_merge(g: ig.Graph, model: str, path: str | None, sources: Mapping[s
 def register_quantize(g: ig.Graph, model: str, path: str | None, source: str, method: str = "int8",
                       **attrs) -> ig.Vertex:
     """A quantized model; its signature differs from the source's, so it is never offered for merging."""
-    src = _vertex(g, source, "model")
-    v = add_model(g, model, path=path, arch=_get(src, "arch"), quantization=method, **attrs)
+    src = vertex(g, source, "model")
+    v = add_model(g, model, path=path, arch=attr(src, "arch"), quantization=method, **attrs)
     add_edge(g, model, source, "quantized_from", method=method)
     return v
 
@@ -242,7 +242,7 @@ def from_dict(data: Mapping, source: str = "<dict>") -> ig.Graph:
         if not isinstance(e, Mapping) or not {"source", "target", "relation"} <= set(e):
             raise JaxfoundError(f"{source}: edge {i} needs 'source', 'target' and 'relation', got {e!r}")
         for end in ("source", "target"):
-            if not _has(g, e[end]):
+            if not has(g, e[end]):
                 raise JaxfoundError(f"{source}: edge {i} ({e['relation']}) points to '{e[end]}', which is not a vertex")
         try:
             add_edge(g, e["source"], e["target"], e["relation"],
@@ -290,21 +290,21 @@ def write_graphml(g: ig.Graph, path: str | os.PathLike) -> None:
     """GraphML export for other tools; non-scalar attributes become JSON strings, missing ones ''."""
     h = g.copy()
     for seq in (h.vs, h.es):
-        for attr in seq.attributes():
-            seq[attr] = [x if isinstance(x, (str, int, float, bool)) else ("" if x is None else json.dumps(x))
-                         for x in seq[attr]]
+        for key in seq.attributes():
+            seq[key] = [x if isinstance(x, (str, int, float, bool)) else ("" if x is None else json.dumps(x))
+                        for x in seq[key]]
     h.write_graphml(str(path))
 
 
 # ---------------------------------------------------------------- queries
 
 
-def _out_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edge]:
+def out_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edge]:
     relations = set(relations)
     return [g.es[i] for i in sorted(g.incident(v.index, mode="out")) if g.es[i]["relation"] in relations]
 
 
-def _in_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edge]:
+def in_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edge]:
     relations = set(relations)
     return [g.es[i] for i in sorted(g.incident(v.index, mode="in")) if g.es[i]["relation"] in relations]
 
@@ -312,12 +312,12 @@ def _in_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Ed
 def lineage(g: ig.Graph, model: str) -> list[str]:
     """Ancestors, nearest first (breadth-first, edges in insertion order), through fine-tune/merge/quantize
     edges and ending with pretraining corpora."""
-    start = _vertex(g, model, "model")
+    start = vertex(g, model, "model")
     order, seen, frontier = [], {start.index}, [start]
     while frontier:
         nxt = []
         for v in frontier:
-            for e in _out_edges(g, v, PARENT_RELATIONS + ("pretrained_on",)):
+            for e in out_edges(g, v, PARENT_RELATIONS + ("pretrained_on",)):
                 if e.target not in seen:
                     seen.add(e.target)
                     order.append(g.vs[e.target]["name"])
@@ -328,8 +328,8 @@ def lineage(g: ig.Graph, model: str) -> list[str]:
 
 def root_model(g: ig.Graph, model: str) -> str | None:
     """The pretrained model every line of descent of model leads to (None when merged across bases)."""
-    v = _vertex(g, model, "model")
-    parents = [g.vs[e.target]["name"] for e in _out_edges(g, v, PARENT_RELATIONS)]
+    v = vertex(g, model, "model")
+    parents = [g.vs[e.target]["name"] for e in out_edges(g, v, PARENT_RELATIONS)]
     if not parents:
         return model
     roots = {root_model(g, p) for p in parents}
@@ -338,24 +338,24 @@ def root_model(g: ig.Graph, model: str) -> str | None:
 
 def compatible_models(g: ig.Graph, base: str) -> list[str]:
     """Models descending from the pretrained base whose arch and trunk signature match it (merge candidates)."""
-    b = _vertex(g, base, "model")
+    b = vertex(g, base, "model")
     return [v["name"] for v in g.vs.select(kind_eq="model")
-            if v["name"] != base and _get(v, "arch") == _get(b, "arch") and _get(v, "signature") == _get(b, "signature")
+            if v["name"] != base and attr(v, "arch") == attr(b, "arch") and attr(v, "signature") == attr(b, "signature")
             and root_model(g, v["name"]) == base]
 
 
 def scores(g: ig.Graph, model: str) -> list[dict]:
     """Every recorded score of model: [{task, metric, split, value}]."""
-    v = _vertex(g, model, "model")
+    v = vertex(g, model, "model")
     return [{"task": g.vs[e.target]["name"], "metric": e["metric"], "split": e["split"], "value": e["value"]}
-            for e in _out_edges(g, v, ["evaluated_on"])]
+            for e in out_edges(g, v, ["evaluated_on"])]
 
 
 def best_model(g: ig.Graph, task: str, metric: str, split: str | None = None,
                higher_is_better: bool = True) -> tuple[str, float]:
     """(model, value) with the best recorded metric on task (and split, when given)."""
-    t = _vertex(g, task, "task")
-    evals = _in_edges(g, t, ["evaluated_on"])
+    t = vertex(g, task, "task")
+    evals = in_edges(g, t, ["evaluated_on"])
     found = [(g.vs[e.source]["name"], e["value"]) for e in evals
              if e["metric"] == metric and (split is None or e["split"] == split)]
     if not found:
@@ -366,9 +366,9 @@ def best_model(g: ig.Graph, task: str, metric: str, split: str | None = None,
 
 def related_tasks(g: ig.Graph, task: str) -> list[str]:
     """Other tasks defined on at least one dataset that task is defined on."""
-    t = _vertex(g, task, "task")
-    datasets = [g.vs[e.target] for e in _out_edges(g, t, ["defined_on"])]
-    return sorted({g.vs[e.source]["name"] for d in datasets for e in _in_edges(g, d, ["defined_on"])
+    t = vertex(g, task, "task")
+    datasets = [g.vs[e.target] for e in out_edges(g, t, ["defined_on"])]
+    return sorted({g.vs[e.source]["name"] for d in datasets for e in in_edges(g, d, ["defined_on"])
                    if e.source != t.index})
 
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfound.errors import JaxfoundError
+from jaxfound.models import TRUNK_KEYS
 
 Params = Mapping[str, Any]
-TRUNK_KEYS = ("bert", "gpt")
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 

@@ -34,17 +34,15 @@ task's head is the coefficient-weighted average of that task's candidates' heads
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import igraph as ig
 import jax
 
 from jaxfound.errors import JaxfoundError
-from jaxfound.fusion import graph as G
-from jaxfound.fusion import merge as M
+from jaxfound.fusion import graph, merge
 
 METHODS = ("auto", "greedy_soup", "average", "linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties")
 ALIASES = {"average": "linear", "dare": "dare_ties"}
@@ -89,7 +87,7 @@ class MergePlan:
         return list(dict.fromkeys([self.target_task] + [c.task for c in self.candidates]))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     def describe(self) -> str:
         """The plan as a table plus the rationale."""
@@ -108,7 +106,7 @@ class MergePlan:
 def _split_scores(g: ig.Graph, model: str, split: str) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} recorded for model on split."""
     out: dict[str, dict[str, float]] = {}
-    for s in G.scores(g, model):
+    for s in graph.scores(g, model):
         if s["split"] == split:
             out.setdefault(s["task"], {})[s["metric"]] = s["value"]
     return out
@@ -116,8 +114,8 @@ def _split_scores(g: ig.Graph, model: str, split: str) -> dict[str, dict[str, fl
 
 def task_metric(g: ig.Graph, task: str, split: str, preferred: str | None = None) -> str | None:
     """The metric that ranks models on task: preferred if recorded, else f1, accuracy, macro_f1, else the first."""
-    t = G._vertex(g, task, "task")
-    recorded = sorted({e["metric"] for e in G._in_edges(g, t, ["evaluated_on"]) if e["split"] == split})
+    t = graph.vertex(g, task, "task")
+    recorded = sorted({e["metric"] for e in graph.in_edges(g, t, ["evaluated_on"]) if e["split"] == split})
     for m in ((preferred,) if preferred else ()) + PREFERRED_METRICS:
         if m in recorded:
             return m
@@ -141,67 +139,47 @@ def coefficients(relevance: list[float], quality: list[float], temperature: floa
 def _exclusion(g: ig.Graph, v: ig.Vertex, base_v: ig.Vertex, base: str) -> str | None:
     """Why model v cannot be merged onto base (None: its lineage and trunk are compatible)."""
     name = v["name"]
-    if G._get(v, "quantization"):
-        return f"quantized ({G._get(v, 'quantization')}): no float trunk to merge"
-    if G._out_edges(g, v, ["merged_from"]):
+    if graph.attr(v, "quantization"):
+        return f"quantized ({graph.attr(v, 'quantization')}): no float trunk to merge"
+    if graph.out_edges(g, v, ["merged_from"]):
         return "an earlier merge: its sources are considered themselves"
-    root = G.root_model(g, name)
+    root = graph.root_model(g, name)
     if root != base:
         other = f"another base: descends from '{root}', not '{base}'" if root else "merged across several bases"
-        if G._get(v, "signature") != G._get(base_v, "signature"):
+        if graph.attr(v, "signature") != graph.attr(base_v, "signature"):
             other += " (and another trunk signature: another size or vocabulary)"
         return other
-    if G._get(v, "arch") != G._get(base_v, "arch"):
-        return f"architecture '{G._get(v, 'arch')}' differs from the base's '{G._get(base_v, 'arch')}'"
-    if G._get(v, "signature") != G._get(base_v, "signature"):
-        sig, want = G._get(v, "signature") or "none", G._get(base_v, "signature") or "none"
+    if graph.attr(v, "arch") != graph.attr(base_v, "arch"):
+        return f"architecture '{graph.attr(v, 'arch')}' differs from the base's '{graph.attr(base_v, 'arch')}'"
+    if graph.attr(v, "signature") != graph.attr(base_v, "signature"):
+        sig, want = graph.attr(v, "signature") or "none", graph.attr(base_v, "signature") or "none"
         return f"trunk signature {sig[:12]} differs from the base's {want[:12]} (another size or vocabulary)"
     return None
 
 
-def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: str = "valid",
-               metric: str | None = None, base: str | None = None, related_weight: float = 0.5,
-               include_related: bool = True, temperature: float = 0.1, weighting: str = "score",
-               density: float = 0.5, lam: float = 1.0, normalize: bool | None = None, seed: int = 0) -> MergePlan:
-    """A merge plan for target_task from the graph g (see the module docstring for the rules and the formula)."""
-    if method not in METHODS:
-        raise JaxfoundError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
-    G._vertex(g, target_task, "task")
-    metric = task_metric(g, target_task, split, metric)
-    if metric is None:
-        raise JaxfoundError(f"no model has a score on split '{split}' of task '{target_task}'; "
-                            "register fine-tunes with validation scores first")
-    related = set(G.related_tasks(g, target_task)) if include_related else set()
-
-    # ---- Relevance and scores from graph structure ----
-    found, excluded = [], []
+def _score_models(g: ig.Graph, target_task: str, split: str, metric: str, related: set[str],
+                  related_weight: float) -> list[tuple]:
+    """(vertex, task, r_i, s_i, why it cannot be a candidate or None) for every model, from graph structure."""
+    found = []
     for v in g.vs.select(kind_eq="model"):
         scored = _split_scores(g, v["name"], split)
-        if target_task in scored:
-            task, r = target_task, 1.0
-        else:
-            task, r = next((t for t in sorted(scored) if t in related), None), related_weight
+        task, r = ((target_task, 1.0) if target_task in scored
+                   else (next((t for t in sorted(scored) if t in related), None), related_weight))
         if task is None:
-            tasks = sorted({s["task"] for s in G.scores(g, v["name"])})
-            data = sorted(g.vs[e.target]["name"] for e in G._out_edges(g, v, ["trained_on", "pretrained_on"]))
+            tasks = sorted({s["task"] for s in graph.scores(g, v["name"])})
+            data = sorted(g.vs[e.target]["name"] for e in graph.out_edges(g, v, ["trained_on", "pretrained_on"]))
             found.append((v, None, None, None, f"unrelated to '{target_task}': no {split} score on it or on a task "
                           f"sharing its datasets (scored on {tasks or 'nothing'}, trained on {data or 'nothing'})"))
             continue
         m = task_metric(g, task, split, metric if task == target_task else None)
         value = scored[task].get(m)
         found.append((v, task, r, value, None if value is not None else f"no '{m}' score on {split} of '{task}'"))
+    return found
 
-    # ---- Base: the root of the best target fine-tune ----
-    direct = [(v, s) for v, t, _, s, why in found if t == target_task and s is not None
-              and not G._out_edges(g, v, ["merged_from", "quantized_from"])]
-    if base is None:
-        if not direct:
-            raise JaxfoundError(f"no fine-tune of '{target_task}' has a '{metric}' score on '{split}'")
-        best_v = max(direct, key=lambda vs: vs[1])[0]
-        base = G.root_model(g, best_v["name"])
-    base_v = G._vertex(g, base, "model")
 
-    picked = []
+def _pick_candidates(g: ig.Graph, found: list[tuple], base_v: ig.Vertex, target_task: str, method: str) -> tuple:
+    """(picked (vertex, task, r_i, s_i), excluded (model, reason)); 'auto' leaves related tasks out of a soup."""
+    base, picked, excluded = base_v["name"], [], []
     for v, task, r, value, why in found:
         if v["name"] == base:
             continue
@@ -215,8 +193,6 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
                             f"nothing to merge; left out: {excluded}")
     if not any(t == target_task for _, t, _, _ in picked):
         raise JaxfoundError(f"plan for '{target_task}': no compatible candidate is fine-tuned on it (no head)")
-
-    # ---- auto with >= 2 fine-tunes of the target: soup them, leave related-task models out ----
     n_target = sum(t == target_task for _, t, _, _ in picked)
     if method == "auto" and n_target >= 2 and n_target < len(picked):
         for v, t, _, _ in picked:
@@ -226,39 +202,62 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
                                  "below the soup (benchmarks/fusion_conll03.py); ask for ties / task_arithmetic "
                                  "to include it"))
         picked = [p for p in picked if p[1] == target_task]
+    return picked, excluded
 
-    # ---- Coefficients ----
-    best_of = {}
-    for _, t, _, s in picked:
-        best_of[t] = max(best_of.get(t, -math.inf), s)
-    quality = [s / best_of[t] if best_of[t] > 0 else 1.0 for _, t, _, s in picked]
-    coefs = coefficients([r for _, _, r, _ in picked], quality, temperature, weighting)
-    candidates = sorted((Candidate(v["name"], G._get(v, "path"), t, r, s, q, c)
-                         for (v, t, r, s), q, c in zip(picked, quality, coefs)),
-                        key=lambda c: (c.task != target_task, -c.coefficient, c.name))
 
-    # ---- Method ----
+def _choose_method(method: str, candidates: list[Candidate], target_task: str, density: float) -> tuple[str, str]:
+    """(the merge method to run, why): 'auto' soups one task's fine-tunes and TIES-merges several tasks."""
     one_task = all(c.task == target_task for c in candidates)
-    chosen = method
-    if method == "auto":
+    chosen, why = ALIASES.get(method, method), f"method {method} as requested"
+    if method == "auto":  # neither greedy_soup nor ties has an alias
         chosen = "greedy_soup" if one_task else "ties"
         why = (f"auto: all {len(candidates)} candidates are fine-tunes of '{target_task}' (one task, one head) -> "
                "greedy soup: whole models averaged, best-first, keeping an ingredient only if the validation score "
                "does not drop" if one_task else
                f"auto: candidates span {len(set(c.task for c in candidates))} tasks -> TIES (density {density}): "
                "trimming small task-vector entries and electing signs limits interference between tasks")
-    else:
-        why = f"method {method} as requested"
-    chosen = ALIASES.get(chosen, chosen)
     if chosen == "greedy_soup" and not one_task:
         raise JaxfoundError("method greedy_soup averages whole models, so every candidate must be a fine-tune of "
                             f"'{target_task}'; pass include_related=False or choose ties / task_arithmetic")
-    params = _method_params(chosen, density, lam, normalize, seed)
+    return chosen, why
+
+
+def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: str = "valid",
+               metric: str | None = None, base: str | None = None, related_weight: float = 0.5,
+               include_related: bool = True, temperature: float = 0.1, weighting: str = "score",
+               density: float = 0.5, lam: float = 1.0, normalize: bool | None = None, seed: int = 0) -> MergePlan:
+    """A merge plan for target_task from the graph g (see the module docstring for the rules and the formula)."""
+    if method not in METHODS:
+        raise JaxfoundError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
+    graph.vertex(g, target_task, "task")
+    metric = task_metric(g, target_task, split, metric)
+    if metric is None:
+        raise JaxfoundError(f"no model has a score on split '{split}' of task '{target_task}'; "
+                            "register fine-tunes with validation scores first")
+    related = set(graph.related_tasks(g, target_task)) if include_related else set()
+    found = _score_models(g, target_task, split, metric, related, related_weight)
+    if base is None:  # the pretrained root of the best-scoring fine-tune of the target (no merge, not quantized)
+        direct = [(v, s) for v, t, _, s, why in found if t == target_task and s is not None
+                  and not graph.out_edges(g, v, ["merged_from", "quantized_from"])]
+        if not direct:
+            raise JaxfoundError(f"no fine-tune of '{target_task}' has a '{metric}' score on '{split}'")
+        base = graph.root_model(g, max(direct, key=lambda vs: vs[1])[0]["name"])
+    base_v = graph.vertex(g, base, "model")
+    picked, excluded = _pick_candidates(g, found, base_v, target_task, method)
+    best_of = {}
+    for _, t, _, s in picked:
+        best_of[t] = max(best_of.get(t, -math.inf), s)
+    quality = [s / best_of[t] if best_of[t] > 0 else 1.0 for _, t, _, s in picked]
+    coefs = coefficients([r for _, _, r, _ in picked], quality, temperature, weighting)
+    candidates = sorted((Candidate(v["name"], graph.attr(v, "path"), t, r, s, q, c)
+                         for (v, t, r, s), q, c in zip(picked, quality, coefs)),
+                        key=lambda c: (c.task != target_task, -c.coefficient, c.name))
+    chosen, why = _choose_method(method, candidates, target_task, density)
     rationale = (f"{why}. Coefficients: c_i = r_i exp(q_i/T) / sum_j r_j exp(q_j/T), T={temperature}, "
                  f"q_i = score / best score of the same task, r = 1 (target) or {related_weight} (related task)"
                  if weighting == "score" else f"{why}. Coefficients: uniform (1/{len(candidates)})")
-    return MergePlan(target_task, base, G._get(base_v, "path"), chosen, metric, split, tuple(candidates),
-                     tuple(excluded), params, rationale)
+    return MergePlan(target_task, base, graph.attr(base_v, "path"), chosen, metric, split, tuple(candidates),
+                     tuple(excluded), _method_params(chosen, density, lam, normalize, seed), rationale)
 
 
 def _method_params(method: str, density: float, lam: float, normalize: bool | None, seed: int) -> dict:
@@ -281,9 +280,9 @@ def fuse_heads(plan: MergePlan, params: Mapping[str, dict], trunk) -> dict[str, 
     out = {}
     for task in plan.tasks:
         group = [c for c in plan.candidates if c.task == task]
-        heads = [M.split_trunk(params[c.name])[2] for c in group]
-        key = M.split_trunk(params[group[0].name])[0]
-        head = M.linear(heads, [c.coefficient for c in group]) if len(group) > 1 else heads[0]
+        heads = [merge.split_trunk(params[c.name])[2] for c in group]
+        key = merge.split_trunk(params[group[0].name])[0]
+        head = merge.linear(heads, [c.coefficient for c in group]) if len(group) > 1 else heads[0]
         out[task] = {key: trunk, **head}
     return out
 
@@ -293,7 +292,7 @@ def fuse(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None =
     if plan.method == "greedy_soup":
         raise JaxfoundError("greedy_soup needs an evaluation function: use execute_plan")
     names = [c.name for c in plan.candidates]
-    trunks = [M.split_trunk(params[n])[1] for n in names]
+    trunks = [merge.split_trunk(params[n])[1] for n in names]
     kwargs = dict(plan.params)
     if "seed" in kwargs:
         kwargs["key"] = jax.random.key(kwargs.pop("seed"))
@@ -301,9 +300,9 @@ def fuse(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None =
     if plan.method != "linear":
         if base_params is None:
             raise JaxfoundError(f"method {plan.method} needs the base model's params ('{plan.base}')")
-        base_trunk = M.split_trunk(base_params)[1]
-    M.check_compatible(trunks, names)
-    trunk = M.merge(plan.method, trunks, [c.coefficient for c in plan.candidates], base=base_trunk, **kwargs)
+        base_trunk = merge.split_trunk(base_params)[1]
+    merge.check_compatible(trunks, names)
+    trunk = merge.merge(plan.method, trunks, [c.coefficient for c in plan.candidates], base=base_trunk, **kwargs)
     return fuse_heads(plan, params, trunk)
 
 
@@ -325,7 +324,7 @@ def execute_plan(plan: MergePlan, load_params: Callable[[str, str | None], dict]
     if plan.method == "greedy_soup":
         names = [c.name for c in plan.candidates]
         # greedy_soup scores every candidate itself, so the best parent is measured like the soup
-        target, chosen, history = M.greedy_soup([params[n] for n in names], evaluate)
+        target, chosen, history = merge.greedy_soup([params[n] for n in names], evaluate)
         best_parent, parent_score, score = names[chosen[0]], history[0], history[-1]
         sources = {names[i]: 1.0 / len(chosen) for i in chosen}
         task_params = {plan.target_task: target}
@@ -350,9 +349,9 @@ def execute_plan(plan: MergePlan, load_params: Callable[[str, str | None], dict]
     elif worse and not force:
         report |= {"registered": False, "message": f"refused: {verdict}; pass force=True (--force) to register it"}
     else:
-        G.register_merge(g, name, path, sources, plan.method, base=plan.base, target_task=plan.target_task,
+        graph.register_merge(g, name, path, sources, plan.method, base=plan.base, target_task=plan.target_task,
                          merge_params=dict(plan.params))
-        G.record_score(g, name, plan.target_task, plan.metric, score, plan.split)
+        graph.record_score(g, name, plan.target_task, plan.metric, score, plan.split)
         report |= {"registered": True,
                    "message": f"registered: {verdict}" + (" (forced)" if worse else "")}
     report["task_params"] = task_params
@@ -446,7 +445,7 @@ def parse_recipe(raw, source: str = "<recipe>") -> Recipe:
 
 def _same_structure(a: dict, b: dict) -> bool:
     try:
-        M.check_compatible([a, b])
+        merge.check_compatible([a, b])
         return True
     except JaxfoundError:
         return False
@@ -460,20 +459,20 @@ def merge_recipe(recipe: Recipe, params: list[dict], base_params: dict | None = 
     normalised weights. Models with heads of different shapes cannot be merged into one model.
     """
     names = list(recipe.models)
-    M.check_compatible(params, names)
+    merge.check_compatible(params, names)
     normalize = recipe.normalize if recipe.normalize is not None else recipe.method in ("linear", "ties")
     if recipe.method == "linear":
-        return M.linear(params, list(recipe.weights), normalize=normalize)
+        return merge.linear(params, list(recipe.weights), normalize=normalize)
     kwargs = {"lam": recipe.lam, "normalize": normalize}
     if recipe.method != "task_arithmetic":
         kwargs["density"] = list(recipe.densities)
     if recipe.method.startswith("dare"):
         kwargs["key"] = jax.random.key(seed)
-    key, _, base_heads = M.split_trunk(base_params)
-    trunks, heads = zip(*[M.split_trunk(p)[1:] for p in params])
-    trunk = M.merge(recipe.method, list(trunks), list(recipe.weights), base=base_params[key], **kwargs)
+    key, _, base_heads = merge.split_trunk(base_params)
+    trunks, heads = zip(*[merge.split_trunk(p)[1:] for p in params])
+    trunk = merge.merge(recipe.method, list(trunks), list(recipe.weights), base=base_params[key], **kwargs)
     if base_heads and heads[0] and _same_structure(base_heads, heads[0]):
-        head = M.merge(recipe.method, list(heads), list(recipe.weights), base=base_heads, **kwargs)
+        head = merge.merge(recipe.method, list(heads), list(recipe.weights), base=base_heads, **kwargs)
     else:
-        head = M.linear(list(heads), list(recipe.weights)) if heads[0] else {}
+        head = merge.linear(list(heads), list(recipe.weights)) if heads[0] else {}
     return {key: trunk, **head}

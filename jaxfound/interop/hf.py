@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxfound.config import ModelConfig
 from jaxfound.errors import JaxfoundError
@@ -227,7 +229,6 @@ def _is_trunk(name: str) -> bool:
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="numpy") as f:
@@ -380,7 +381,6 @@ def save_pretrained(path, model, params, tokenizer=None, id2label=None) -> Path:
     last hidden state is unaffected). GPT-2 'seq_cls' needs a zero classifier bias (transformers' score has none)
     and pools the last token that is not ``pad_token_id``: pass the tokenizer so config.json records it.
     """
-    from safetensors.numpy import save_file
 
     cfg, head = model.cfg, model.head
     if cfg.quant != "none":

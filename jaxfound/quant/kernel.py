@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,6 @@ def _compiler() -> str | None:
 
 def build() -> Path:
     """Compile int8_dense.cc (once per source / jaxlib / flags) and return the shared library's path."""
-    import jaxlib
 
     cxx = _compiler()
     key = hashlib.sha256(

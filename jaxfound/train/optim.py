@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxfound.models import TRUNK_KEYS
+
 NO_DECAY_NAMES = ("bias", "scale", "mlm_bias")  # LayerNorm scale/bias and every bias
-TRUNKS = ("bert", "gpt")  # the shared encoder / decoder; everything else is a task head
 
 
 def decay_mask(params):
@@ -63,4 +64,4 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 def frozen_labels(params):
     """'frozen' for every leaf of the trunk, 'train' for the head's (optax.multi_transform labels)."""
-    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in TRUNKS else "train", v) for k, v in params.items()}
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in TRUNK_KEYS else "train", v) for k, v in params.items()}

@@ -1,8 +1,4 @@
-"""Loss functions per task and the pure, sharded train / eval steps.
-
-A loss returns sums (loss_sum, count, correct) rather than means, so that gradient accumulation and
-evaluation over many batches weight every token exactly once.
-"""
+"""The pure, sharded train / eval steps over any loss of jaxfound.train.losses."""
 
 from __future__ import annotations
 
@@ -15,46 +11,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfound.sharding import LOGICAL_RULES, activation_sharding, batch_sharding
-
-
-def _sums(logits, labels, weights) -> dict:
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.maximum(labels, 0))
-    weights = weights.astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce * weights), "count": jnp.sum(weights), "correct": jnp.sum(correct * weights)}
-
-
-def mlm_loss(model, params, batch, rng, train: bool) -> dict:
-    """Masked LM: vocabulary logits only at the (B, P) masked positions."""
-    logits_BxPxV = model.apply(
-        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
-        masked_positions=batch["mlm_positions"], deterministic=not train, rngs={"dropout": rng},
-    )
-    return _sums(logits_BxPxV, batch["mlm_labels"], batch["mlm_weights"])
-
-
-def clm_loss(model, params, batch, rng, train: bool) -> dict:
-    """Causal LM: predict token t+1 from tokens <= t, never across a document boundary."""
-    ids_BxL, seg_BxL = batch["input_ids"], batch["segment_ids"]
-    logits_BxLxV = model.apply({"params": params}, ids_BxL, segment_ids=seg_BxL, deterministic=not train,
-                               rngs={"dropout": rng})
-    weights = (seg_BxL[:, 1:] == seg_BxL[:, :-1]) & (seg_BxL[:, 1:] > 0)
-    return _sums(logits_BxLxV[:, :-1], ids_BxL[:, 1:], weights)
-
-
-def token_cls_loss(model, params, batch, rng, train: bool) -> dict:
-    """Token classification: labels -100 (padding, non-first subwords) are ignored."""
-    logits_BxLxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                               batch.get("token_type_ids"), deterministic=not train, rngs={"dropout": rng})
-    labels = batch["labels"]
-    return _sums(logits_BxLxC, labels, labels >= 0)
-
-
-def seq_cls_loss(model, params, batch, rng, train: bool) -> dict:
-    logits_BxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                             batch.get("token_type_ids"), deterministic=not train, rngs={"dropout": rng})
-    labels = batch["labels"]
-    return _sums(logits_BxC, labels, labels >= 0)
 
 
 def _split_micro(batch: dict, n: int) -> dict:

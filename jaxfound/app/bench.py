@@ -1,6 +1,6 @@
 """Throughput of the real train step on synthetic batches: compile time, step time, tokens/s, FLOPs, MFU, memory.
 
-The model, optimizer, shardings and jitted step are built exactly as `fit` builds them; only the data is
+The model, optimizer, shardings and jitted step are built by `jaxfound.train.build`, as for `fit`; only the data is
 random (batch_size x seq_len tokens, BERT-style masked positions for mlm), so no corpus is needed.
 
 FLOPs come from XLA's cost analysis of the compiled step. For a partitioned (SPMD) program that is the
@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfound.data.pipeline import max_predictions
+from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
+from jaxfound.models import build_model
+from jaxfound.sharding import bytes_per_device, global_batch, initialize_distributed, make_mesh
+from jaxfound.tasks import get_task
+from jaxfound.train.build import build as build_training
 
 # Dense peak FLOP/s per chip by device_kind substring: (bf16, fp32). GPU fp32 is the TF32 tensor-core peak,
 # since XLA runs fp32 matmuls in TF32 by default there; TPUs run fp32 matmuls in bf16 passes at default
@@ -64,21 +70,14 @@ class Bench:
 
 
 def resolve_vocab(cfg) -> int:
-    """model.vocab_size, else the tokenizer's (data.tokenizer) or data.tokenizer_vocab, rounded up to 128."""
+    """model.vocab_size, else the tokenizer's (data.tokenizer) or data.tokenizer_vocab, padded as the model pads it."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    size = cfg.data.tokenizer_vocab
-    if cfg.data.tokenizer:
-        from jaxfound.data.tokenizer import load_tokenizer
-
-        size = len(load_tokenizer(cfg.data.tokenizer))
-    return -(-size // 128) * 128
+    return padded_vocab(len(load_tokenizer(cfg.data.tokenizer)) if cfg.data.tokenizer else cfg.data.tokenizer_vocab)
 
 
 def synthetic_batch(cfg, vocab_size: int, seed: int = 0) -> dict:
     """A random global batch with the shapes and dtypes the pipeline yields for cfg.train.task."""
-    from jaxfound.data.pipeline import max_predictions
-
     B, L = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(seed)
     batch = {"input_ids": rng.integers(5, vocab_size, (B, L), dtype=np.int32),
@@ -93,14 +92,7 @@ def synthetic_batch(cfg, vocab_size: int, seed: int = 0) -> dict:
 
 
 def build(cfg) -> Bench:
-    """Model, sharded state and the step compiled for cfg's mesh and a synthetic batch (like fit)."""
-    from jaxfound.models import build_model
-    from jaxfound.sharding import global_batch, initialize_distributed, make_mesh
-    from jaxfound.tasks import get_task
-    from jaxfound.train.optim import make_optimizer
-    from jaxfound.train.state import init_state, state_shardings
-    from jaxfound.train.step import make_train_step
-
+    """Model, sharded state and the step compiled for cfg's mesh and a synthetic batch, built as `fit` builds them."""
     if cfg.train.task not in ("mlm", "clm"):
         raise JaxfoundError(f"bench: train.task={cfg.train.task}; only pretraining tasks are benchmarked (mlm, clm)")
     if cfg.data.seq_len > cfg.model.max_position:
@@ -109,24 +101,22 @@ def build(cfg) -> Bench:
     initialize_distributed(cfg.mesh)
     task = get_task(cfg.train.task, cfg.model.arch)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=resolve_vocab(cfg)))
-    model = build_model(cfg.model, task.head)
-    mesh = make_mesh(cfg.mesh)
-    if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    mesh_shape = make_mesh(cfg.mesh).shape
+    if cfg.train.batch_size % (mesh_shape["data"] * mesh_shape["fsdp"]):
         raise JaxfoundError(f"bench: train.batch_size={cfg.train.batch_size} is not divisible by "
-                            f"mesh data*fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
-    tx = make_optimizer(cfg.train, max(cfg.train.steps, 1))
-    shardings = state_shardings(model, tx, mesh, cfg.data.seq_len)
-    step = make_train_step(model, tx, task.loss, mesh, shardings, cfg.train.seed, cfg.train.grad_accum)
-    state = init_state(model, tx, mesh, cfg.data.seq_len, cfg.train.seed, shardings)
+                            f"mesh data*fsdp = {mesh_shape['data'] * mesh_shape['fsdp']}")
+    training = build_training(cfg, build_model(cfg.model, task.head), task.loss, cfg.data.seq_len,
+                              cfg.train.schedule_steps or max(cfg.train.steps, 1))
     full = synthetic_batch(cfg, cfg.model.vocab_size, cfg.train.seed)
     b = cfg.train.batch_size // jax.process_count()
-    batch = global_batch({k: v[jax.process_index() * b:(jax.process_index() + 1) * b] for k, v in full.items()}, mesh)
+    batch = global_batch({k: v[jax.process_index() * b:(jax.process_index() + 1) * b] for k, v in full.items()},
+                         training.mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = training.step.lower(training.state, batch).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    return Bench(cfg, mesh, compiled, state, batch, compile_s, dict(cost))
+    return Bench(cfg, training.mesh, compiled, training.state, batch, compile_s, dict(cost))
 
 
 def peak_flops(device, dtype: str, measure_cpu: bool = True) -> tuple[float | None, str]:
@@ -164,8 +154,6 @@ def memory_in_use() -> dict | None:
 
 def state_bytes(state) -> dict:
     """Per-device bytes of params and optimizer state (max over this process's devices)."""
-    from jaxfound.sharding import bytes_per_device
-
     params, opt = bytes_per_device(state.params), bytes_per_device(state.opt_state)
     total = {d: params[d] + opt.get(d, 0) for d in params}
     return {"params_bytes_per_device": max(params.values()), "opt_bytes_per_device": max(opt.values()),

@@ -11,33 +11,24 @@ machine's noise.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxfound import runs
+from jaxfound.app import registry
+from jaxfound.app.evaluate import open_labelled, predictor_for
 from jaxfound.errors import JaxfoundError
-from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE, load_quantized, save_quantized
+from jaxfound.models import build_model
+from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE
 from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize
 from jaxfound.quant.report import size_report
+from jaxfound.sharding import global_batch
 
 REPORT_FILE = "quant_report.json"
-METRIC_NAMES = {"ner": ("f1", "entity_f1"), "cls": ("accuracy", "accuracy")}  # task -> (score key, report name)
-
-
-def is_quantized_run(run_dir) -> bool:
-    return (Path(run_dir) / META_FILE).is_file()
-
-
-def load_quantized_params(run_dir) -> dict:
-    """The int8 + float params of a dir written by ``quantize_run``, as jax arrays (placed once, not per call)."""
-    qparams, _ = load_quantized(run_dir)
-    return jax.tree.map(jnp.asarray, qparams)
 
 
 # ---------------------------------------------------------------- throughput
@@ -73,33 +64,28 @@ def jax_runner(predict_step, params, placed_batches: list[dict]) -> Callable[[in
 # ---------------------------------------------------------------- evaluation of float vs int8
 
 
+def metric_name(task) -> str:
+    """The headline metric as the report names it (seqeval's F1 is an entity F1)."""
+    return "entity_f1" if task.metric == "f1" else task.metric
+
+
 def compare(run, qmodel, qparams, eval_file, rounds: int = 3) -> dict:
     """Task metric and tokens/s of run (float) and qmodel/qparams on eval_file, same batches and mesh."""
-    from jaxfound import finetune as ft
-    from jaxfound.data import finetune as ftdata
-    from jaxfound.sharding import global_batch, make_mesh
-
-    task = run.task.name
-    split = ft.read_split(eval_file, task, run.cfg.data, run.labels, run.tokenizer, run.cfg.data.seq_len)
-    mesh = make_mesh(dataclasses.replace(run.cfg.mesh, data=-1, fsdp=1, tensor=1))
-    batches = ftdata.eval_batches(split.windows, ft._eval_batch_size(mesh, run.cfg.train.batch_size),
-                                  run.cfg.data.seq_len, run.pad_id, task == "ner")
-    key, name = METRIC_NAMES[task]
-    models = {"before": (run.model, jax.device_put(run.params)), "after": (qmodel, qparams)}
-    out, runners = {"metric_name": name}, {}
-    for which, (model, params) in models.items():
-        step = ft.make_predict_step(model, mesh)
-        preds = ft.predict_windows(step, params, batches, mesh, len(split.windows))  # also the warm-up
-        out[f"metric_{which}"] = float(ft.score(task, split.gold, ft.decode(task, split, preds, run.labels),
-                                                run.labels)[key])
-        placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, mesh) for _, b in batches]
-        runners[which] = jax_runner(step, params, placed)
-    tokens = [real_tokens(b) for _, b in batches]
+    predictors = {"before": predictor_for(run), "after": predictor_for(dataclasses.replace(run, model=qmodel))}
+    split = predictors["before"].read(eval_file, run.config.data)
+    params = {"before": jax.device_put(run.params), "after": qparams}
+    out, runners = {"metric_name": metric_name(run.task)}, {}
+    for which, predictor in predictors.items():
+        out[f"metric_{which}"] = float(predictor.score(params[which], split)[run.task.metric])  # also the warm-up
+        placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, predictor.mesh)
+                  for _, b in predictor.batches(split)]
+        runners[which] = jax_runner(predictor.step, params[which], placed)
+    tokens = [real_tokens(b) for _, b in predictors["before"].batches(split)]
     speed = interleaved_throughput(runners, tokens, rounds)
     out |= {"metric_delta": out["metric_after"] - out["metric_before"],
             "tokens_per_s_before": speed["before"], "tokens_per_s_after": speed["after"],
             "speedup": speed["after"] / speed["before"], "eval_file": str(eval_file), "eval_tokens": sum(tokens),
-            "eval_batches": len(batches), "throughput_rounds": rounds}
+            "eval_batches": len(tokens), "throughput_rounds": rounds}
     return out
 
 
@@ -109,27 +95,24 @@ def compare(run, qmodel, qparams, eval_file, rounds: int = 3) -> dict:
 def _check_out(out: Path, checkpoint: Path) -> None:
     if out.resolve() == checkpoint.resolve():
         raise JaxfoundError(f"--out {out} is the checkpoint itself; give a new directory")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_run(out))):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
         raise JaxfoundError(f"--out {out} exists and is not an empty dir or an earlier quantized dir; "
                             "give a new or empty directory")
 
 
-def write_quantized_run(out, run, qparams, mode: str, metadata: dict) -> Path:
-    """config.json (model.quant = mode), labels.json, tokenizer/, params.safetensors + quant.json under ``out``."""
-    from jaxfound.config import to_dict
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = to_dict(run.cfg)
-    config["model"] = dict(config["model"], quant=mode)
-    config["run"] = dict(config.get("run", {}), dir=str(out.resolve()), registry=None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "labels.json").write_text(json.dumps(run.labels, indent=1))
-    if (out / "tokenizer").exists():
-        shutil.rmtree(out / "tokenizer")
-    run.tokenizer.save_pretrained(str(out / "tokenizer"))
-    save_quantized(out, qparams, {"mode": mode, **metadata})
-    return out
+def _check_args(checkpoint: Path, mode: str, out: Path, eval_file, rounds: int) -> None:
+    if mode not in MODES:
+        raise JaxfoundError(f"--mode {mode!r}: allowed {', '.join(MODES)}")
+    if rounds < 1:
+        raise JaxfoundError(f"rounds={rounds}: need at least 1 timed pass over the eval file")
+    if (checkpoint / META_FILE).is_file():
+        raise JaxfoundError(f"--checkpoint {checkpoint} is already int8 ({META_FILE}); give the float run dir")
+    if not (checkpoint / "config.json").is_file():
+        raise JaxfoundError(f"--checkpoint {checkpoint}: no config.json; expected a run dir written by "
+                            "`jaxfound finetune` or `jaxfound merge`")
+    _check_out(out, checkpoint)
+    if eval_file is not None and not Path(eval_file).is_file():
+        raise JaxfoundError(f"--eval {eval_file}: file not found")
 
 
 def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds: int = 3,
@@ -138,43 +121,27 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
 
     register: record ``out`` in the source run's registry (run.registry), if it has one; False for scratch copies.
     """
-    from jaxfound import finetune as ft
-    from jaxfound.models import build_model
-
     checkpoint, out = Path(checkpoint), Path(out)
-    if mode not in MODES:
-        raise JaxfoundError(f"--mode {mode!r}: allowed {', '.join(MODES)}")
-    if rounds < 1:
-        raise JaxfoundError(f"rounds={rounds}: need at least 1 timed pass over the eval file")
-    if is_quantized_run(checkpoint):
-        raise JaxfoundError(f"--checkpoint {checkpoint} is already int8 ({META_FILE}); give the float run dir")
-    if not (checkpoint / "config.json").is_file():
-        raise JaxfoundError(f"--checkpoint {checkpoint}: no config.json; expected a run dir written by "
-                            "`jaxfound finetune` or `jaxfound merge`")
-    _check_out(out, checkpoint)
-    if eval_file is not None and not Path(eval_file).is_file():
-        raise JaxfoundError(f"--eval {eval_file}: file not found")
+    _check_args(checkpoint, mode, out, eval_file, rounds)
     rules = check_rules(DEFAULT_RULES if rules is None else rules)
-
-    run = ft.load_run(checkpoint)
+    run = open_labelled(checkpoint)
     qparams = quantize(run.params, rules)
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
-              **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules]}
-    write_quantized_run(out, run, qparams, mode, {"source": str(checkpoint.resolve()), "rules": rules})
-    report |= {"metric_name": METRIC_NAMES[run.task.name][1], "metric_before": None, "metric_after": None,
-               "tokens_per_s_before": None, "tokens_per_s_after": None}  # measured only on an eval file
+              **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules],
+              "metric_name": metric_name(run.task), "metric_before": None, "metric_after": None,
+              "tokens_per_s_before": None, "tokens_per_s_after": None}  # measured only on an eval file
+    runs.write_run(out, runs.config_for(run, quant=mode), qparams, labels=run.labels, tokenizer=run.tokenizer,
+                   quant={"mode": mode, "source": str(checkpoint.resolve()), "rules": rules})
     if eval_file is not None:
-        qmodel = build_model(dataclasses.replace(run.cfg.model, quant=mode), run.task.head)
+        qmodel = build_model(dataclasses.replace(run.config.model, quant=mode), run.task.head)
         report |= compare(run, qmodel, jax.device_put(qparams), eval_file, rounds)
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
-    if register and run.cfg.run.registry:  # the source is registered: record the int8 copy beside it (quantized_from)
-        from jaxfound.fusion.registry import register_quantize_run
-
+    runs.write_json(out / REPORT_FILE, report)
+    if register and run.config.run.registry:  # the source is registered: record the int8 copy (quantized_from)
         scores = [] if report["metric_after"] is None else [
             (f"{Path(eval_file).parent.name}/{run.task.name}", report["metric_name"], Path(eval_file).stem,
              float(report["metric_after"]))]
-        register_quantize_run(run.cfg.run.registry, out.resolve().name, str(out.resolve()),
-                              str(checkpoint.resolve()), f"int8-{mode}", scores)
+        registry.register_quantize_run(run.config.run.registry, out.resolve().name, str(out.resolve()),
+                                       str(checkpoint.resolve()), f"int8-{mode}", scores)
     return report
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxfound import runs
+from jaxfound.app import registry
 from jaxfound.data.pipeline import batch_iterator, fingerprint, local_batch
 from jaxfound.data.pretrain import prepare_pretraining
-from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
-from jaxfound.sharding import global_batch, initialize_distributed, make_mesh
+from jaxfound.sharding import global_batch, initialize_distributed
 from jaxfound.tasks import get_task
-from jaxfound.train.loop import Job, fit
-from jaxfound.train.state import state_shardings
+from jaxfound.train.build import build
+from jaxfound.train.loop import Job, finish_run, fit
 from jaxfound.train.step import make_eval_step
 
 
@@ -39,32 +40,26 @@ def make_pretrain_evaluate(model, task, mesh, param_shardings, valid, batch_size
 
 
 def pretrain(cfg) -> dict:
-    """Read the corpus, build the model and train it with fit(); returns the run summary."""
-    if cfg.train.freeze != "none":
-        raise JaxfoundError(f"train.freeze={cfg.train.freeze} is for fine-tuning; pretraining trains every parameter")
-    initialize_distributed(cfg.mesh)  # before anything touches jax.devices() (make_mesh below)
+    """Read the corpus, build the model and train it; returns the run summary (with the final 'state')."""
+    initialize_distributed(cfg.mesh)  # before anything touches jax.devices()
+    runs.check_run_dir(cfg.run.dir)  # the tokenizer is written there: fail before reading the corpus, not after
     task = get_task(cfg.train.task, cfg.model.arch)
-    data = prepare_pretraining(cfg, cfg.run.dir)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    model = build_model(model_cfg, task.head)
-    mesh = make_mesh(cfg.mesh)
-    from jaxfound.train.optim import make_optimizer
-
-    param_sh = state_shardings(model, make_optimizer(cfg.train, max(cfg.train.steps, 1)), mesh, cfg.data.seq_len).params
-    evaluate = make_pretrain_evaluate(model, task, mesh, param_sh, data.valid, cfg.train.batch_size,
-                                      cfg.train.eval_batches)
+    tokenizer_dir = cfg.data.tokenizer or str(Path(cfg.run.dir) / "tokenizer")
+    data = prepare_pretraining(cfg, Path(cfg.run.dir) / "tokenizer")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    model = build_model(cfg.model, task.head)
+    training = build(cfg, model, task.loss, cfg.data.seq_len, cfg.train.schedule_steps or cfg.train.steps)
+    evaluate = make_pretrain_evaluate(model, task, training.mesh, training.shardings.params, data.valid,
+                                      cfg.train.batch_size, cfg.train.eval_batches)
     job = Job(
         model=model, task=task, total_steps=cfg.train.steps, evaluate=evaluate, seq_len=cfg.data.seq_len,
         make_iterator=lambda: batch_iterator(data.train, cfg.train.batch_size, jax.process_index(),
                                              jax.process_count()),
-        extra={"task": task.name, "arch": model_cfg.arch, "vocab_size": data.vocab_size, "documents": data.num_docs,
-               "corpus_tokens": data.num_tokens, "tokenizer": str(Path(cfg.run.dir) / "tokenizer")
-               if not cfg.data.tokenizer else cfg.data.tokenizer},
+        extra={"task": task.name, "arch": cfg.model.arch, "vocab_size": data.vocab_size, "documents": data.num_docs,
+               "corpus_tokens": data.num_tokens, "tokenizer": tokenizer_dir},
         data_fingerprint=fingerprint(data.train.corpus.ids_NxL, data.train.corpus.segment_ids_NxL),
     )
-    summary = fit(cfg, job)
-    from jaxfound.fusion.registry import register_pretrain_run
-
-    register_pretrain_run(cfg, summary)  # a no-op unless run.registry is set
+    summary = fit(cfg, job, training)
+    finish_run(cfg.run.dir, summary)
+    registry.register_pretrain_run(cfg, summary)  # a no-op unless run.registry is set
     return summary

@@ -1,0 +1,64 @@
+"""`jaxfound evaluate / predict / export`: a fine-tuned, merged or quantized run dir, on its own.
+
+    report = evaluate("runs/ner", "test.txt")      # entity + token-level reports from the run dir alone
+    rows = predict("runs/ner", texts=["EU rejects German call"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxfound import runs
+from jaxfound.errors import JaxfoundError
+from jaxfound.inference import Predictor
+from jaxfound.interop.hf import save_pretrained
+from jaxfound.sharding import make_mesh
+
+
+def predictor_for(run: runs.Run) -> Predictor:
+    """The run's model on all local devices (data-parallel), batches as the run was trained."""
+    mesh = make_mesh(dataclasses.replace(run.config.mesh, data=-1, fsdp=1, tensor=1))
+    return Predictor(run.model, run.task, run.labels, run.tokenizer, run.config.data.seq_len,
+                     run.config.train.batch_size, mesh)
+
+
+def open_labelled(run_dir) -> runs.Run:
+    """A run that labels text: a fine-tuned (merged, quantized) tagger or classifier."""
+    run = runs.open_run(run_dir)
+    if run.task.pretraining or run.labels is None:
+        raise JaxfoundError(f"{run_dir}: not a fine-tuned run (needs labels.json and a labelling train.task: "
+                            "ner, pos, chunk or cls)")
+    return run
+
+
+def evaluate(run_dir, file, out=None) -> dict:
+    """Score a fine-tuned run on a labelled file (CoNLL for tagging, CSV / JSON lines for cls); JSON at out."""
+    run = open_labelled(run_dir)
+    predictor = predictor_for(run)
+    report = predictor.score(run.params, predictor.read(file, run.config.data))
+    report["file"] = str(file)
+    report["table"] = run.task.render(report)
+    if out:
+        runs.write_json(out, report)
+    return report
+
+
+def predict(run_dir, texts: list[str]) -> list[dict]:
+    """Tagging: entities with character offsets (and word tags) per text; cls: the label per text."""
+    run = open_labelled(run_dir)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise JaxfoundError("predict: nothing to predict (give texts or a non-empty file)")
+    split = run.task.inputs(texts, run.tokenizer, run.config.data.seq_len)
+    return run.task.rows(texts, split, predictor_for(run).predict(run.params, split))
+
+
+def export(run_dir, out):
+    """A transformers directory (safetensors, config, tokenizer) of a float run."""
+    run = runs.open_run(run_dir)
+    if any(np.dtype(x.dtype) == np.int8 for x in jax.tree.leaves(run.params)):
+        raise JaxfoundError(f"{run_dir} is int8-quantized; export the float run it came from")
+    return save_pretrained(out, run.model, run.params, tokenizer=run.tokenizer, id2label=run.labels)
