@@ -49,21 +49,21 @@ UPWEIGHT = 1.5  # the multi-task grid: equal task weights, and each task in turn
 
 
 def finetune_run(args, files, run_dir: Path, task: str, seed: int, lr: float, extra=()) -> dict:
+    from jaxfound.app.finetune import finetune
+    from jaxfound.app.registry import register_finetune_run
     from jaxfound.config import load_config
-    from jaxfound.finetune import finetune
-    from jaxfound.fusion.registry import register_finetune_run
 
     cfg = load_config(ROOT / "configs" / "ner_conll03.yaml", [
         f"run.dir={run_dir}", f"run.registry={args.out / 'registry'}", f"model.init={args.model}",
         f"data.train={files['train']}", f"data.valid={files['valid']}", f"data.test={files['test']}",
         f"data.tag_column={TASK_COLUMNS[task]}", f"data.seq_len={args.seq_len}", f"train.epochs={args.epochs}",
-        f"train.lr={lr}", f"train.seed={seed}", f"train.batch_size={args.batch_size}", *extra])
+        f"train.lr={lr}", f"train.seed={seed}", f"train.batch_size={args.batch_size}", *extra], verb="finetune")
     t0 = time.perf_counter()
     if args.reuse and (run_dir / "summary.json").is_file() and (run_dir / "best").exists():
         summary = json.loads((run_dir / "summary.json").read_text())  # --reuse: a finished run of an earlier call
+        register_finetune_run(cfg, summary)  # into this call's fresh registry (finetune registers its own runs)
     else:
-        summary = finetune(cfg)
-    register_finetune_run(cfg, summary)  # the hook the drivers will call themselves
+        summary = finetune(cfg)  # registers the run in run.registry itself
     reports, metric = summary["reports"], TASK_METRIC[task]
     return {"run": str(run_dir), "task": task, "seed": seed, "lr": lr, "seconds": round(time.perf_counter() - t0, 1),
             "valid": reports["valid"][metric], "test": reports["test"][metric]}
@@ -77,13 +77,14 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
     import jax.numpy as jnp
     import optax
 
+    from jaxfound import runs
+    from jaxfound.app.finetune import init_params
+    from jaxfound.app.registry import register_pretrain_run
     from jaxfound.config import Config, DataConfig, RunConfig, TrainConfig
     from jaxfound.data.tokenizer import load_tokenizer
-    from jaxfound.finetune import init_params
-    from jaxfound.fusion.registry import LoadedModel, register_pretrain_run, write_model
     from jaxfound.interop.hf import from_pretrained
     from jaxfound.models import build_model
-    from jaxfound.train.step import mlm_loss
+    from jaxfound.train.losses import mlm_loss
 
     base_model, trunk = from_pretrained(args.model, "none")
     model = build_model(base_model.cfg, "mlm")
@@ -118,9 +119,8 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
     cfg = Config(run=RunConfig(str(run_dir), str(args.out / "registry")), model=base_model.cfg,
                  data=DataConfig(path=str(DATA / "tinyshakespeare" / "input.txt"), tokenizer=args.model),
                  train=TrainConfig(task="mlm", steps=steps))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=args.model))
-    write_model(run_dir, LoadedModel("", base_model.cfg, "mlm", "mlm", {}, None, args.model,
-                                     {**dataclasses.asdict(cfg)}), params)
+    runs.write_run(run_dir, cfg, params, tokenizer=tok)  # config.json (run.dir = run_dir), tokenizer/, best/
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=args.model))  # its parent, for the KG
     return register_pretrain_run(cfg, {"reports": {"valid": {"eval_loss": float(loss)}}}, params=params)
 
 
@@ -137,20 +137,19 @@ class Probe:
     def __init__(self, runs: dict[str, str], conll: dict[str, Path], lr: float, epochs: int, seed: int = 0):
         import jax
 
-        from jaxfound import finetune as ft
         from jaxfound.models import build_model
+        from jaxfound.runs import open_run
 
-        self.ft, self.lr, self.epochs, self.seed = ft, lr, epochs, seed
-        self.runs = {t: ft.load_run(r) for t, r in runs.items()}
-        self.splits = {(t, s): ft.read_split(conll[s], r.task.name, r.cfg.data, r.labels, r.tokenizer,
-                                             r.cfg.data.seq_len)
+        self.lr, self.epochs, self.seed = lr, epochs, seed
+        self.runs = {t: open_run(r) for t, r in runs.items()}
+        self.splits = {(t, s): r.task.read(conll[s], r.config.data, r.labels, r.tokenizer, r.config.data.seq_len)
                        for t, r in self.runs.items() for s in ("train", "valid", "test")}
         first = next(iter(self.runs))
         for (t, s), sp in self.splits.items():  # one tokenization for every task: one set of features per trunk
             ref = self.splits[first, s].windows.input_ids
             assert all(np.array_equal(a, b) for a, b in zip(sp.windows.input_ids, ref)), (t, s)
         run = self.runs[first]
-        self.seq_len, self.pad_id = run.cfg.data.seq_len, run.pad_id
+        self.seq_len, self.pad_id = run.config.data.seq_len, run.pad_id
         trunk_model = build_model(run.model.cfg, "none")
         self._hidden = jax.jit(lambda trunk, b: trunk_model.apply({"params": {"bert": trunk}}, b["input_ids"],
                                                                   b["attention_mask"], b["token_type_ids"]))
@@ -206,10 +205,10 @@ class Probe:
         return history
 
     def score(self, task: str, split: str, feats: list[np.ndarray], head: dict) -> float:
-        ft, run, sp = self.ft, self.runs[task], self.splits[task, split]
+        run, sp = self.runs[task], self.splits[task, split]
         W, b = np.asarray(head["kernel"]), np.asarray(head["bias"])
         preds = [np.argmax(h @ W + b, -1) for h in feats]
-        report = ft.score(run.task.name, sp.gold, ft.decode(run.task.name, sp, preds, run.labels), run.labels)
+        report = run.task.score(sp.gold, run.task.decode(sp, preds, run.labels))
         return float(report[TASK_METRIC[task]])
 
     def __call__(self, models: dict[str, dict]) -> dict[str, dict]:
@@ -239,7 +238,7 @@ class Scorer:
     """Valid / test scores of params for each task, with each task's run (labels, tokenizer) and one compile."""
 
     def __init__(self, runs: dict[str, str], files: dict[str, dict]):
-        from jaxfound.fusion.registry import run_evaluator
+        from jaxfound.app.merge import run_evaluator
 
         self.fns = {}
         for task, run in runs.items():
@@ -273,10 +272,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "registry" / "graph.json").unlink(missing_ok=True)
 
+    from jaxfound.app.merge import registry_loader
     from jaxfound.fusion import graph as G
     from jaxfound.fusion import merge as M
     from jaxfound.fusion.plan import execute_plan, plan_merge
-    from jaxfound.fusion.registry import load_model, registry_loader
+    from jaxfound.runs import open_run
 
     src = DATA / "conll2003"
     conll = {s: write_subset(src / f"{s}.txt", args.out / "data" / "conll2003" / f"{s}.txt", args.limit)
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     score = Scorer(task_runs, files)
     load = registry_loader(g)
     params = {n: load(n, by[n]["run"]) for n in ner_names + ["pos", "chunk"]}
-    base = load_model(args.model).params
+    base = open_run(args.model).params
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
 
     # ---- 1. Soups ----
@@ -367,8 +367,8 @@ def main(argv=None) -> int:
     print(kg.describe())
     fused, kg_rep = execute_plan(kg, load, lambda p: score("ner", "valid", p), g=g, name="ner_kg_plan", force=True)
     compatible = G.compatible_models(g, kg.base)
-    compatible = [n for n in compatible if not G._out_edges(g, G._vertex(g, n), ["merged_from"])]
-    every = {n: load(n, G._vertex(g, n)["path"]) for n in compatible}
+    compatible = [n for n in compatible if not G.out_edges(g, G.vertex(g, n), ["merged_from"])]
+    every = {n: load(n, G.vertex(g, n)["path"]) for n in compatible}
     trunk = M.linear([M.split_trunk(p)[1] for p in every.values()])
     heads = M.linear([M.split_trunk(every[n])[2] for n in ner_names])
     all_uniform = {"bert": trunk, **heads}

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     import jax
 
     from jaxfound.app.quantize import interleaved_throughput, jax_runner, quantize_run, real_tokens
-    from jaxfound.inference import EVAL_BATCH, Predictor, predict_windows
+    from jaxfound.inference import EVAL_BATCH, Predictor
     from jaxfound.quant import kernel
     from jaxfound.runs import open_run
     from jaxfound.sharding import global_batch, make_mesh
@@ -113,13 +113,13 @@ def main(argv=None) -> int:
                    "jaxfound w8a8": sizes["w8a8"]["bytes_after"]}
 
     # ---- One untimed pass per model: compiles, and its predictions give the F1 ----
-    def f1(preds) -> float:
+    def f1(preds) -> float:  # window predictions (torch) -> entity F1
         return float(base.task.score(split.gold, base.task.decode(split, preds, base.labels))["f1"])
 
     runners, results = {}, {}
     for name, run in runs.items():
         predictor, params = predictors[name], jax.device_put(run.params)
-        results[name] = {"f1": f1(predict_windows(predictor.step, params, batches, mesh, len(split.windows)))}
+        results[name] = {"f1": float(predictor.score(params, split)["f1"])}
         runners[name] = jax_runner(predictor.step, params, placed)
     if not args.no_torch:
         import torch

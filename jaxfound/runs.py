@@ -55,17 +55,12 @@ class Run:
         return special_ids(self.tokenizer)[2]
 
 
-def is_jaxfound_dir(path: Path) -> bool:
-    raw = _read_json(path / "config.json")
-    return "run" in raw and "model" in raw
-
-
 def kind_of(path: str | Path) -> str:
     """What a directory holds, from its files alone."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise JaxfoundError(f"{path}: no config.json; expected a jaxfound run dir or a transformers dir")
-    if not is_jaxfound_dir(p):
+    if not {"run", "model"} <= _read_json(p / "config.json").keys():
         return "transformers"
     if (p / QUANT_META).is_file():
         return "quantized"
@@ -100,6 +95,13 @@ def _open_transformers(p: Path) -> Run:
     cfg = Config(model=model.cfg, train=TrainConfig(task=HEAD_TASK[model.head]))
     return Run(p, "transformers", cfg, get_task(cfg.train.task), model, params,
                load_tokenizer(str(p)) if has_tok else None, labels)
+
+
+def require_float(run: Run, verb: str) -> Run:
+    """run, if its params are float (export writes float weights); an int8 run names the way back."""
+    if run.kind == "quantized":
+        raise JaxfoundError(f"{run.path} is int8-quantized; {verb} the float run it came from")
+    return run
 
 
 def read_params(p: Path, kind: str) -> dict:
@@ -149,6 +151,7 @@ def _jsonable(obj):
 def write_json(path: str | Path, obj, indent: int = 1) -> Path:
     """A JSON file written whole or not at all: a kill mid-write leaves no file that looks complete."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=indent, default=_jsonable))
     os.replace(tmp, path)

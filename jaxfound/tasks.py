@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxfound import metrics
+from jaxfound import losses, metrics
 from jaxfound.data import finetune as ftdata
 from jaxfound.data.conll import read_conll, tag_spans
 from jaxfound.errors import JaxfoundError
-from jaxfound.train import losses
 
 HEAD_TASK = {"token_cls": "ner", "seq_cls": "cls", "mlm": "mlm", "lm": "clm", "none": "mlm"}  # a bare model's task
 

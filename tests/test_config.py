@@ -134,3 +134,12 @@ def test_merge_recipes_parse():
     for path in recipes:
         recipe = parse_recipe(yaml.safe_load(path.read_text()), str(path))
         assert recipe is not None and path.read_text().startswith("#")
+
+
+def test_cli_finetune_refuses_train_steps_it_would_ignore(capsys):
+    """`finetune train.steps=300` once trained 3 epochs (321 steps) silently; now it names the keys finetune takes."""
+    from jaxfound.cli import main
+
+    assert main(["finetune", "train.steps=300"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'train.steps' is not used by `jaxfound finetune`" in err and "epochs" in err

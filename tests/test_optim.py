@@ -71,8 +71,8 @@ def test_train_step_equals_mean_gradients_through_optax_clip_and_adamw():
     import optax
 
     from jaxfound.config import ModelConfig
+    from jaxfound.losses import mlm_loss
     from jaxfound.models import build_model
-    from jaxfound.train.losses import mlm_loss
     from jaxfound.train.optim import decay_mask
     from jaxfound.train.state import TrainState
     from jaxfound.train.step import train_step

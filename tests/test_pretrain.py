@@ -22,6 +22,22 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _tensorboard_scalars(log_dir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} read back from the event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for file in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        data, pos = file.read_bytes(), 0
+        while pos < len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
 def _pretrain(run_dir, *extra):
     assert main(["pretrain", f"run.dir={run_dir}", *TINY, *extra]) == 0
 
@@ -39,6 +55,9 @@ def test_default_pretrain_learns_within_five_minutes(tmp_path):
     assert (tmp_path / "loss.png").exists() and (tmp_path / "tokenizer" / "tokenizer.json").exists()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in rows if "loss" in r)
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")  # the same curves as metrics.jsonl
+    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
+    assert scalars["eval_loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
 
 
 def test_resume_replays_the_same_losses(tmp_path):

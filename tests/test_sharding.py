@@ -6,9 +6,9 @@ import pytest
 
 from jaxfound.config import MeshConfig, ModelConfig, TrainConfig
 from jaxfound.errors import JaxfoundError
+from jaxfound.losses import mlm_loss
 from jaxfound.models import build_model
 from jaxfound.sharding import bytes_per_device, make_mesh, mesh_shape
-from jaxfound.train.losses import mlm_loss
 from jaxfound.train.optim import make_optimizer
 from jaxfound.train.state import init_state, state_shardings
 from jaxfound.train.step import make_train_step

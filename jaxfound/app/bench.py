@@ -15,7 +15,6 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -226,8 +225,3 @@ def format_table(report: dict) -> str:
     line = "-" * (width + 60)
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
 
-
-def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float))

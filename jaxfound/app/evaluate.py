@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import numpy as np
-
 from jaxfound import runs
 from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
@@ -58,7 +55,5 @@ def predict(run_dir, texts: list[str]) -> list[dict]:
 
 def export(run_dir, out):
     """A transformers directory (safetensors, config, tokenizer) of a float run."""
-    run = runs.open_run(run_dir)
-    if any(np.dtype(x.dtype) == np.int8 for x in jax.tree.leaves(run.params)):
-        raise JaxfoundError(f"{run_dir} is int8-quantized; export the float run it came from")
+    run = runs.require_float(runs.open_run(run_dir), "export")
     return save_pretrained(out, run.model, run.params, tokenizer=run.tokenizer, id2label=run.labels)

@@ -91,21 +91,6 @@ def add_model(g: ig.Graph, name: str, *, path: str | None = None, arch: str | No
                                               content_hash=content_hash, created=created, **attrs))
 
 
-def add_dataset(g: ig.Graph, name: str, **attrs) -> ig.Vertex:
-    """A dataset vertex (path, split sizes, licence, ...)."""
-    return _add_vertex(g, "dataset", name, attrs)
-
-
-def add_task(g: ig.Graph, name: str, **attrs) -> ig.Vertex:
-    """A task vertex (e.g. 'conll2003-ner' with its label set)."""
-    return _add_vertex(g, "task", name, attrs)
-
-
-def add_tokenizer(g: ig.Graph, name: str, **attrs) -> ig.Vertex:
-    """A tokenizer vertex (path, vocab size)."""
-    return _add_vertex(g, "tokenizer", name, attrs)
-
-
 def add_edge(g: ig.Graph, source: str, target: str, relation: str, **attrs) -> ig.Edge:
     """source --relation--> target, checked against the kinds RELATIONS allows."""
     if relation not in RELATIONS:

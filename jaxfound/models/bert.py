@@ -20,6 +20,7 @@ from jaxfound.models.layers import (
     constrain,
     dense,
     layer_norm,
+    tied_logits,
 )
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -97,9 +98,7 @@ class Bert(nn.Module):
         if self.head == "mlm":  # with masked_positions, h is already (B, P, D)
             x = ACTIVATIONS[cfg.activation](dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(h_BxLxD))
             x = layer_norm(cfg, "transform_ln")(x)
-            word = nn.unbox(encoder.variables["params"]["word"]["embedding"])
-            dtype = DTYPES[cfg.dtype]
-            logits = jnp.dot(x.astype(dtype), word.astype(dtype).T, preferred_element_type=jnp.float32)
+            logits = tied_logits(x, encoder.variables["params"]["word"]["embedding"], cfg)
             bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                               (cfg.vocab_size,), DTYPES[cfg.param_dtype])
             return constrain(logits + bias, ("act_batch", "act_len", "act_vocab"))

@@ -110,6 +110,12 @@ def dense(cfg, features, axes, name, use_bias=True):
     return Dense(features, axes, cfg.dtype, cfg.param_dtype, cfg.quant, use_bias, name=name)
 
 
+def tied_logits(x, embedding, cfg):
+    """Logits against the tied word embeddings, accumulated in float32."""
+    dtype = DTYPES[cfg.dtype]
+    return jnp.dot(x.astype(dtype), nn.unbox(embedding).astype(dtype).T, preferred_element_type=jnp.float32)
+
+
 def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
     """Boolean (B, 1, L, L) mask, or None: padding keys are masked; packed documents don't see each other."""
     if segment_ids_BxL is not None:

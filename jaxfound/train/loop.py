@@ -6,7 +6,6 @@ Everything it calls is a pure function (train/step.py, data/pipeline.py) that a 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,5 +199,3 @@ def finish_run(run_dir, summary: dict) -> None:
         runs.write_json(Path(run_dir) / "summary.json", {k: v for k, v in summary.items() if k != "state"}, 2)
         train_hooks.plot_losses(Path(run_dir))
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

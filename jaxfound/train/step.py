@@ -1,4 +1,4 @@
-"""The pure, sharded train / eval steps over any loss of jaxfound.train.losses."""
+"""The pure, sharded train / eval steps over any loss of jaxfound.losses."""
 
 from __future__ import annotations
 
