@@ -31,7 +31,7 @@ from jaxfound.interop.hf import from_pretrained, load_hf_config
 from jaxfound.models import build_model
 from jaxfound.quant.checkpoint import META_FILE as QUANT_META
 from jaxfound.quant.checkpoint import load_quantized, save_quantized
-from jaxfound.tasks import HEAD_TASK, get_task
+from jaxfound.tasks import HEAD_TASK, get_task, resolve_task
 
 KINDS = ("pretrained", "finetuned", "merged", "quantized", "transformers")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
@@ -80,7 +80,7 @@ def open_run(path: str | Path) -> Run:
     if kind == "transformers":
         return _open_transformers(p)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
-    task = get_task(cfg.train.task)
+    task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
     labels = json.loads((p / "labels.json").read_text()) if (p / "labels.json").is_file() else None
     tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer
     return Run(p, kind, cfg, task, build_model(cfg.model, task.head), read_params(p, kind),

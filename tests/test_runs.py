@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxfound.config import Config, ModelConfig, TrainConfig
+from jaxfound.config import Config, DataConfig, ModelConfig, TrainConfig
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
 from jaxfound.quant import quantize
@@ -45,6 +45,12 @@ def test_write_run_then_open_run_round_trips_each_kind(tmp_path, params):
 
     assert main(["export", "--run", str(tmp_path / "q"), "--out", str(tmp_path / "hf")]) == 2  # int8: no export
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_conll_column_run_reopens_as_its_task(tmp_path, params):
+    config = Config(model=TINY, train=TrainConfig(task="ner"), data=DataConfig(tag_column=1))
+    write_run(tmp_path / "pos", config, params, labels=["DT", "NN", "VB"])
+    assert open_run(tmp_path / "pos").task.name == "pos"
 
 
 def test_a_transformers_dir_is_its_own_kind(tmp_path):

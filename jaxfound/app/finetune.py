@@ -67,7 +67,7 @@ def load_base(cfg, head: str, labels: list[str]):
                             "nor a jaxfound run dir (config.json + checkpoints/ or best/)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a checkpoint's own head may be dropped on purpose
-        run = runs.open_run(cfg.model.init)
+        run = runs.require_float(runs.open_run(cfg.model.init), "fine-tune")
     model_cfg = dataclasses.replace(run.config.model, num_labels=len(labels), dtype=cfg.model.dtype,
                                     param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, init=cfg.model.init)
     tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else run.tokenizer

@@ -10,15 +10,12 @@ import json
 import signal
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from jaxfound import runs
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 
 class MetricsLog:
@@ -120,7 +117,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     rows = runs.read_metrics(run_dir)
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: the user's backend stays as it is
+    ax = fig.subplots()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if train:
@@ -132,7 +130,6 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "loss.png", dpi=100)
-    plt.close(fig)
     return Path(run_dir) / "loss.png"
 
 
