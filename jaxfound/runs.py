@@ -81,7 +81,7 @@ def open_run(path: str | Path) -> Run:
         return _open_transformers(p)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
     task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
-    labels = json.loads((p / "labels.json").read_text()) if (p / "labels.json").is_file() else None
+    labels = read_labels(p)
     tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer
     return Run(p, kind, cfg, task, build_model(cfg.model, task.head), read_params(p, kind),
                load_tokenizer(str(tok_dir)) if tok_dir else None, labels)
@@ -127,6 +127,12 @@ def read_config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise JaxfoundError(f"{path} not found: is {run_dir} a jaxfound run directory?")
     return _read_json(path)
+
+
+def read_labels(run_dir: str | Path) -> list[str] | None:
+    """labels.json: a classifier's label names in id order (None for other runs)."""
+    path = Path(run_dir) / "labels.json"
+    return _read_json(path) if path.is_file() else None
 
 
 def check_run_dir(run_dir: str | Path) -> None:

@@ -25,7 +25,7 @@ from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
 from jaxfound.interop.hf import read_weights
-from jaxfound.models import TRUNK_KEYS, build_model
+from jaxfound.models import TRUNK_KEYS, abstract_params, build_model
 from jaxfound.sharding import initialize_distributed
 from jaxfound.tasks import resolve_task
 from jaxfound.train.build import build
@@ -78,7 +78,7 @@ def load_base(cfg, head: str, labels: list[str]):
 
 def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -> dict:
     """Pretrained parts copied in; the rest (the new head) drawn as BERT does: N(0, 0.02) weights, zero biases."""
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+    shapes = nn.unbox(abstract_params(model))
     rng = np.random.default_rng([seed, 17])
 
     def fresh(path, x):

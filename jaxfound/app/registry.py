@@ -9,7 +9,6 @@ jaxfound task (ner, pos, chunk, cls; mlm / clm for corpora).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import igraph as ig
@@ -83,7 +82,8 @@ def register_pretrain_run(cfg, summary: dict | None = None, params=None, *, name
             graph.add_edge(g, name, parent, "finetuned_from")
         graph.ensure(g, "dataset", corpus)
         graph.add_edge(g, name, corpus, "pretrained_on")
-    _record_scores(g, name, f"{corpus}/{cfg.train.task}", summary or {})
+    task = f"{corpus}/{cfg.train.task}"
+    _record_scores(g, name, task, _summary_scores(task, summary))
     graph.save(g, cfg.run.registry)
     return name
 
@@ -107,11 +107,11 @@ def register_finetune_run(cfg, summary: dict | None = None, params=None, *, name
         if base is None:  # the base is registered the first time a fine-tune names it
             base = model_name(cfg.model.init) if cfg.model.init else f"{name}-init"
             graph.register_pretrain(g, base, str(Path(cfg.model.init).resolve()) if cfg.model.init else None,
-                                f"{base}-corpus", arch=cfg.model.arch, signature=signature)
-        labels = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
-        graph.register_finetune(g, name, str(run_dir), base, dataset, task, signature=signature, labels=labels,
-                            seed=cfg.train.seed, lr=cfg.train.lr, content_hash=_hash(run_dir / "best"))
-    _record_scores(g, name, task, summary or {})
+                                    f"{base}-corpus", arch=cfg.model.arch, signature=signature)
+        graph.register_finetune(g, name, str(run_dir), base, dataset, task, signature=signature,
+                                labels=runs.read_labels(run_dir), seed=cfg.train.seed, lr=cfg.train.lr,
+                                content_hash=_hash(run_dir / "best"))
+    _record_scores(g, name, task, _summary_scores(task, summary))
     graph.save(g, cfg.run.registry)
     return name
 
@@ -120,12 +120,18 @@ def _hash(path: Path) -> str | None:
     return graph.content_hash(path) if path.exists() else None
 
 
-def _record_scores(g: ig.Graph, name: str, task: str, summary: dict) -> None:
+def _summary_scores(task: str, summary: dict | None) -> list[tuple[str, str, str, float]]:
+    """(task, metric, split, value) for the headline metrics of summary['reports']."""
+    return [(task, metric, split, value) for split, report in ((summary or {}).get("reports") or {}).items()
+            for metric, value in report.items()
+            if metric in RECORDED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
+def _record_scores(g: ig.Graph, name: str, task: str, scores) -> None:
     graph.ensure(g, "task", task)
-    for split, report in (summary.get("reports") or {}).items():
-        for metric, value in report.items():
-            if metric in RECORDED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                graph.record_score(g, name, task, metric, value, split)
+    for score_task, metric, split, value in scores:
+        graph.ensure(g, "task", score_task)
+        graph.record_score(g, name, score_task, metric, value, split)
 
 
 def register_quantize_run(registry, name: str, path: str | None, source: str, method: str = "int8",
@@ -134,8 +140,7 @@ def register_quantize_run(registry, name: str, path: str | None, source: str, me
     g = graph.load(registry, create=True)
     source = (_find_by_path(g, source) if Path(source).exists() else None) or source  # a path or a name
     graph.register_quantize(g, name, path, source, method)
-    for task, metric, split, value in scores:
-        graph.ensure(g, "task", task)
-        graph.record_score(g, name, task, metric, value, split)
+    for score in scores:
+        _record_scores(g, name, score[0], [score])
     graph.save(g, registry)
     return name

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from jaxfound.config import ModelConfig
 from jaxfound.errors import JaxfoundError
-from jaxfound.models import build_model
+from jaxfound.models import abstract_params, build_model
 
 # transformers class -> (jaxfound arch, head)
 ARCHITECTURES = {
@@ -263,11 +263,6 @@ def read_weights(path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- load
 
 
-def _param_shapes(model) -> dict:
-    ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), ids)["params"]))
-
-
 def _set(tree: dict, path: tuple, value):
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
@@ -298,7 +293,7 @@ def from_pretrained(path, head: str | None = None):
     info = load_hf_config(path, head)
     cfg, head = info.model, info.head
     model = build_model(cfg, head)
-    shapes = _param_shapes(model)
+    shapes = nn.unbox(abstract_params(model))
     raw = read_weights(path)
     state = {}
     for name, arr in raw.items():

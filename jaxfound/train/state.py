@@ -12,6 +12,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxfound.models import abstract_params
 from jaxfound.sharding import logical_shardings
 
 
@@ -31,13 +32,6 @@ def _path_keys(path) -> tuple:
             break
         keys.append(entry.key)
     return tuple(reversed(keys))
-
-
-def abstract_params(model, seq_len: int, rng=None):
-    """Boxed (logically named) abstract params, computed without allocating anything."""
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    rng = jax.random.key(0) if rng is None else rng
-    return jax.eval_shape(lambda r: model.init(r, ids)["params"], rng)
 
 
 def state_shardings(model, tx: optax.GradientTransformation, mesh, seq_len: int) -> TrainState:
