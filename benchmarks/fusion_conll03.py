@@ -83,8 +83,8 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
     from jaxfound.config import Config, DataConfig, RunConfig, TrainConfig
     from jaxfound.data.tokenizer import load_tokenizer
     from jaxfound.interop.hf import from_pretrained
+    from jaxfound.losses import mlm_loss
     from jaxfound.models import build_model
-    from jaxfound.train.losses import mlm_loss
 
     base_model, trunk = from_pretrained(args.model, "none")
     model = build_model(base_model.cfg, "mlm")

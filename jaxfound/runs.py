@@ -73,23 +73,23 @@ def kind_of(path: str | Path) -> str:
     raise JaxfoundError(f"{path}: a jaxfound config.json but no params (best/, checkpoints/ or {QUANT_META})")
 
 
-def open_run(path: str | Path) -> Run:
-    """Any model directory jaxfound reads, opened the same way."""
+def open_run(path: str | Path, head: str | None = None) -> Run:
+    """Any model directory jaxfound reads, opened the same way; head: a transformers dir's head (default: its own,
+    'none': the trunk alone)."""
     p = Path(path)
     kind = kind_of(p)
     if kind == "transformers":
-        return _open_transformers(p)
+        return _open_transformers(p, head)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
     task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
-    labels = read_labels(p)
-    tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer
-    return Run(p, kind, cfg, task, build_model(cfg.model, task.head), read_params(p, kind),
-               load_tokenizer(str(tok_dir)) if tok_dir else None, labels)
+    tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer  # a moved one: None
+    tokenizer = load_tokenizer(str(tok_dir)) if tok_dir and Path(tok_dir).is_dir() else None
+    return Run(p, kind, cfg, task, build_model(cfg.model, task.head), read_params(p, kind), tokenizer, read_labels(p))
 
 
-def _open_transformers(p: Path) -> Run:
-    info = load_hf_config(p)
-    model, params = from_pretrained(p)
+def _open_transformers(p: Path, head: str | None) -> Run:
+    info = load_hf_config(p, head)
+    model, params = from_pretrained(p, head)
     labels = [info.id2label[i] for i in range(len(info.id2label))] if info.id2label else None
     has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
     cfg = Config(model=model.cfg, train=TrainConfig(task=HEAD_TASK[model.head]))

@@ -103,12 +103,12 @@ class Tagging(Task):
         return "entity level (seqeval, default mode)\n" + metrics.format_report(ent) + token
 
     def rows(self, texts: list[str], split: Split, pred: list) -> list[dict]:
-        """Per text: the entities (type, character offsets, text) and the word tags."""
+        """Per text: the entities (type, character offsets, text; IOB tasks) and the word tags."""
         out = []
         for text, ws, tags in zip(texts, split.words, pred):
             ents = [{"type": kind, "start": ws[a][1], "end": ws[b - 1][2], "text": text[ws[a][1]:ws[b - 1][2]]}
                     for kind, a, b in tag_spans(tags)]
-            out.append({"text": text, "entities": ents, "tags": tags})
+            out.append({"text": text, **({"entities": ents} if self.entities else {}), "tags": tags})
         return out
 
 

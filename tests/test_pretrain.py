@@ -57,7 +57,7 @@ def test_default_pretrain_learns_within_five_minutes(tmp_path):
     assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in rows if "loss" in r)
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")  # the same curves as metrics.jsonl
     assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
-    assert scalars["eval_loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
+    assert scalars["eval/loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
 
 
 def test_resume_replays_the_same_losses(tmp_path):

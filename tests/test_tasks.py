@@ -27,6 +27,17 @@ def test_pos_is_scored_by_token_accuracy_not_entity_f1():
     assert "token accuracy 0.8000" in TASKS["pos"].render(report)
 
 
+def test_prediction_rows_give_entities_for_iob_tasks_and_tags_for_pos():
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(words=[whitespace_words("Ada visits Lyon")])
+    ner = TASKS["ner"].rows(["Ada visits Lyon"], split, [["B-PER", "O", "B-LOC"]])
+    assert ner[0]["entities"] == [{"type": "PER", "start": 0, "end": 3, "text": "Ada"},
+                                  {"type": "LOC", "start": 11, "end": 15, "text": "Lyon"}]
+    assert TASKS["pos"].rows(["Ada visits Lyon"], split, [["NNP", "VBZ", "NNP"]]) == [
+        {"text": "Ada visits Lyon", "tags": ["NNP", "VBZ", "NNP"]}]
+
+
 def test_ner_score_is_seqeval_entity_f1():
     gold = [["B-PER", "I-PER", "O", "B-LOC"]]
     pred = [["B-PER", "I-PER", "O", "O"]]

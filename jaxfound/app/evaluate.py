@@ -28,6 +28,8 @@ def open_labelled(run_dir) -> runs.Run:
     if run.task.pretraining or run.labels is None:
         raise JaxfoundError(f"{run_dir}: not a fine-tuned run (needs labels.json and a labelling train.task: "
                             "ner, pos, chunk or cls)")
+    if run.tokenizer is None:
+        raise JaxfoundError(f"{run_dir}: no tokenizer (tokenizer/ or tokenizer files); add the one it was trained with")
     return run
 
 

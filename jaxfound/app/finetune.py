@@ -24,7 +24,7 @@ from jaxfound.data.pipeline import fingerprint
 from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
-from jaxfound.interop.hf import read_weights
+from jaxfound.interop.hf import load_hf_config, read_weights
 from jaxfound.models import TRUNK_KEYS, abstract_params, build_model
 from jaxfound.sharding import initialize_distributed
 from jaxfound.tasks import resolve_task
@@ -54,6 +54,15 @@ def base_params(run: runs.Run, head: str, labels: list[str]) -> dict:
     return trunk | ({"pooler": pooler} if pooler else {})
 
 
+def _transformers_head(path, head: str, labels: list[str]) -> str | None:
+    """A transformers dir's own head when it is the task's with the same labels, else 'none' (the trunk alone)."""
+    if runs.kind_of(path) != "transformers":
+        return None
+    info = load_hf_config(path)
+    return head if info.head == head and [info.id2label.get(i) for i in range(len(info.id2label))] == labels \
+        else "none"
+
+
 def load_base(cfg, head: str, labels: list[str]):
     """(ModelConfig, pretrained params or {}, tokenizer) for model.init: a transformers dir or a jaxfound run dir."""
     if cfg.model.init is None:
@@ -66,8 +75,9 @@ def load_base(cfg, head: str, labels: list[str]):
         raise JaxfoundError(f"model.init={cfg.model.init}: not a transformers dir (config.json + model.safetensors) "
                             "nor a jaxfound run dir (config.json + checkpoints/ or best/)")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a checkpoint's own head may be dropped on purpose
-        run = runs.require_float(runs.open_run(cfg.model.init), "fine-tune")
+        warnings.simplefilter("ignore")  # a checkpoint's own head is dropped on purpose
+        run = runs.require_float(runs.open_run(cfg.model.init, _transformers_head(cfg.model.init, head, labels)),
+                                 "fine-tune")
     model_cfg = dataclasses.replace(run.config.model, num_labels=len(labels), dtype=cfg.model.dtype,
                                     param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, init=cfg.model.init)
     tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else run.tokenizer
@@ -167,6 +177,10 @@ def finetune(cfg) -> dict:
                      "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.buckets.tolist()},
               data_fingerprint=fingerprint(splits["train"].windows.input_ids, splits["train"].windows.labels))
     summary = fit(cfg, job, training)
+    if summary["preempted"]:  # SIGTERM: the checkpoint is saved; reports and registry wait for the resumed run
+        summary.pop("state")
+        finish_run(cfg.run.dir, summary)
+        return summary
     summary["reports"], best = _final_reports(cfg, task, predictor, splits, summary.pop("state").params)
     finish_run(cfg.run.dir, summary)
     if jax.process_index() == 0:

@@ -12,6 +12,7 @@ from jaxfound import runs
 from jaxfound.app import registry
 from jaxfound.data.pipeline import batch_iterator, fingerprint, local_batch
 from jaxfound.data.pretrain import prepare_pretraining
+from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
 from jaxfound.sharding import global_batch, initialize_distributed
 from jaxfound.tasks import get_task
@@ -41,6 +42,8 @@ def make_pretrain_evaluate(model, task, mesh, param_shardings, valid, batch_size
 
 def pretrain(cfg) -> dict:
     """Read the corpus, build the model and train it; returns the run summary (with the final 'state')."""
+    if cfg.train.freeze != "none":
+        raise JaxfoundError(f"train.freeze={cfg.train.freeze} is for fine-tuning; pretraining trains every parameter")
     initialize_distributed(cfg.mesh)  # before anything touches jax.devices()
     runs.check_run_dir(cfg.run.dir)  # the tokenizer is written there: fail before reading the corpus, not after
     task = get_task(cfg.train.task, cfg.model.arch)
@@ -61,5 +64,6 @@ def pretrain(cfg) -> dict:
     )
     summary = fit(cfg, job, training)
     finish_run(cfg.run.dir, summary)
-    registry.register_pretrain_run(cfg, summary)  # a no-op unless run.registry is set
+    if jax.process_index() == 0:
+        registry.register_pretrain_run(cfg, summary)  # a no-op unless run.registry is set
     return summary

@@ -1,7 +1,8 @@
 """Hooks around the train loop: what happens with its rows and evaluations, kept out of the loop itself.
 
-A hook has any of: on_start(step), on_step(step), on_row(row) (every metrics row: a train row, an evaluation, or both),
-on_eval(step, params, metrics), on_end(). `default_hooks` gives the ones every run has.
+A hook has any of: on_start(step), on_step(step), on_train(row) (a train row), on_eval(step, params, metrics),
+on_row(row) (what metrics.jsonl holds: a train row, an evaluation, or both merged), on_end().
+`default_hooks` gives the ones every run has.
 """
 
 from __future__ import annotations
@@ -36,19 +37,26 @@ class MetricsLog:
 
 
 class TensorBoard:
-    """The same rows as TensorBoard scalars (run_dir/tensorboard), for the curves users already look at."""
+    """Train rows as train/<key> and evaluations as eval/<key> scalars (run_dir/tensorboard), for the curves users
+    already look at; a resumed run hides the events a killed one logged past its checkpoint."""
 
     def __init__(self, log_dir):
         self.log_dir, self.writer = str(log_dir), None
 
     def on_start(self, step: int):
-        self.writer = SummaryWriter(self.log_dir, purge_step=step or None)
+        self.writer = SummaryWriter(self.log_dir, purge_step=step + 1)
 
-    def on_row(self, row: dict):
-        for key, value in row.items():
+    def _add(self, prefix: str, step: int, values: dict):
+        for key, value in values.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key if key.startswith("eval") else f"train/{key}", value, row["step"])
+                self.writer.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, step)
         self.writer.flush()
+
+    def on_train(self, row: dict):
+        self._add("train", row["step"], row)
+
+    def on_eval(self, step: int, params, metrics: dict):
+        self._add("eval", step, metrics)
 
     def on_end(self):
         self.writer.close()
@@ -63,9 +71,8 @@ class Progress:
     def on_start(self, step: int):
         self.bar = tqdm(total=self.total, initial=step, disable=not self.enabled, dynamic_ncols=True, desc=self.desc)
 
-    def on_row(self, row: dict):
-        if "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
+    def on_train(self, row: dict):
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}")
 
     def on_step(self, step: int):
         self.bar.update(1)

@@ -22,6 +22,8 @@ from jaxfound.sharding import global_batch
 from jaxfound.train import hooks as train_hooks
 from jaxfound.train.build import Training, build
 
+TRAIN_KEYS = {"step", "loss", "accuracy", "lr", "grad_norm", "tokens_per_s"}  # a train row's keys
+
 
 @dataclass
 class Job:
@@ -56,6 +58,15 @@ class _Loop:
     pending: tuple | None = None  # (step, device metrics): read one step late so the host never waits on the device
     tokens: int = 0
     t_since: float = field(default_factory=time.perf_counter)
+    history: list = field(default_factory=list)  # this invocation's rows (the summary of processes other than 0)
+
+    def emit(self, train: dict | None, ev: dict | None = None) -> None:
+        """A metrics row: the train row, an evaluation, or both merged (as metrics.jsonl holds them)."""
+        if train is not None:
+            train_hooks.call(self.hooks, "on_train", train)
+        row = {**(train or {"step": self.step}), **(ev or {})}
+        self.history.append(row)
+        train_hooks.call(self.hooks, "on_row", row)
 
     def save(self, force: bool = False):
         ckpt.save(self.mngr, self.step, self.state, self.iterator, to_dict(self.cfg), force=force,
@@ -75,7 +86,7 @@ class _Loop:
         m = jax.device_get(m)
         if not bool(m["finite"]):
             if self.cfg.train.nonfinite == "stop":
-                train_hooks.call(self.hooks, "on_row", self.train_row(s, m))
+                self.emit(self.train_row(s, m))
                 self.stop_nonfinite(s)
             print(f"step {s}: non-finite loss or gradient; update skipped (train.nonfinite=skip)")
         return s, m
@@ -94,7 +105,7 @@ class _Loop:
 
     def evaluate(self, row: dict | None = None):
         ev = self.job.evaluate(self.state.params, self.step)
-        train_hooks.call(self.hooks, "on_row", {**(row or {"step": self.step}), **ev})
+        self.emit(row, ev)
         self.tokens, self.t_since = 0, time.perf_counter()
         train_hooks.call(self.hooks, "on_eval", self.step, self.state.params, ev)
 
@@ -106,7 +117,7 @@ class _Loop:
         if self.pending is not None:
             s, m = self.drain()
             if s % log_every == 0:
-                train_hooks.call(self.hooks, "on_row", self.train_row(s, m))
+                self.emit(self.train_row(s, m))
         self.pending = (self.step, metrics)
         train_hooks.call(self.hooks, "on_step", self.step)
         if self.step % eval_every == 0 or self.step == self.job.total_steps:
@@ -140,6 +151,7 @@ def _start(cfg, job: Job, training: Training | None, hooks) -> _Loop:
     if restored is not None:
         print(f"resume: continuing from step {step0} in {run_dir}")
     state = restored if restored is not None else training.state
+    training.state = None  # the loop owns the state now: a restored run does not keep the fresh one alive
     loop = _Loop(cfg, job, training, hooks, mngr, iterator, state, int(jax.device_get(state.step)))
     if loop.step >= job.total_steps:
         print(f"nothing to do: step {loop.step} >= train.steps {job.total_steps}")
@@ -171,7 +183,7 @@ def fit(cfg, job: Job, training: Training | None = None, hooks: list | None = No
                 summary["preempted"] = True
                 break
         if loop.pending is not None:
-            train_hooks.call(hooks, "on_row", loop.train_row(*loop.drain()))
+            loop.emit(loop.train_row(*loop.drain()))
     train_hooks.call(hooks, "on_end")
     ckpt.finish(loop.mngr, close=True)
     return _summarize(summary, loop, time.perf_counter() - t_start, is_main)
@@ -179,9 +191,8 @@ def fit(cfg, job: Job, training: Training | None = None, hooks: list | None = No
 
 def _summarize(summary: dict, loop: _Loop, elapsed: float, is_main: bool) -> dict:
     """The whole run's summary (earlier invocations on this run dir included), from metrics.jsonl."""
-    history = runs.read_metrics(loop.cfg.run.dir) if is_main else []
-    best_metric = loop.job.best_metric
-    evals = [r for r in history if "eval_loss" in r or (best_metric and best_metric in r)]
+    history = runs.read_metrics(loop.cfg.run.dir) if is_main else loop.history
+    evals = [r for r in history if set(r) - TRAIN_KEYS]  # rows with an evaluation
     trains = [r for r in history if "loss" in r]
     summary.update({
         "steps": loop.step, "steps_this_run": loop.step - summary["start_step"], "seconds": round(elapsed, 2),
