@@ -157,3 +157,28 @@ def test_throughput_runners_alternate_batch_by_batch():
                                    [10, 20, 30], rounds=2)
     assert calls[:6] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
     assert len(calls) == 12 and set(speed) == {"a", "b"} and all(v > 0 for v in speed.values())
+
+
+def test_merge_from_the_registry_writes_a_run_that_scores_as_validated(runs, tmp_path):
+    """`jaxfound merge --target-task`: the two fine-tunes registered, averaged with the plan's coefficients, the
+    validation score the merge reports equals `evaluate` on the written run dir, and the graph records it."""
+    from jaxfound.app.merge import merge_from_registry
+    from jaxfound.app.registry import register_finetune_run, task_name
+    from jaxfound.config import from_dict, replace
+    from jaxfound.fusion import graph
+    from jaxfound.runs import read_config
+
+    reg = tmp_path / "registry"
+    for name in ("run0", "run1"):
+        cfg = replace(from_dict(read_config(runs["root"] / name)), run={"registry": str(reg)})
+        f1 = evaluate(runs["root"] / name, runs["valid"])["f1"]
+        register_finetune_run(cfg, {"reports": {"valid": {"f1": f1}}})
+    report = merge_from_registry(reg, task_name(cfg), "average", tmp_path / "avg", force=True)
+    assert report["registered"] and load_run(tmp_path / "avg").kind == "merged"
+    assert report["score"] == pytest.approx(evaluate(tmp_path / "avg", runs["valid"])["f1"])
+    c = report["coefficients"]
+    a, b = (load_run(runs["root"] / n).params for n in ("run0", "run1"))
+    m = load_run(tmp_path / "avg").params
+    kernel = lambda p: np.asarray(p["bert"]["layer_0"]["mlp"]["up"]["kernel"])  # noqa: E731
+    np.testing.assert_allclose(kernel(m), c["run0"] * kernel(a) + c["run1"] * kernel(b), rtol=1e-5, atol=1e-6)
+    assert graph.lineage(graph.load(reg), report["name"])[0] in ("run0", "run1")
