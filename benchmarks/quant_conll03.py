@@ -103,9 +103,8 @@ def main(argv=None) -> int:
     seq_len = base.config.data.seq_len
     mesh = make_mesh(dataclasses.replace(base.config.mesh, data=-1, fsdp=1, tensor=1))
     # one mesh, one eval batch size and one split for every model: the same length-sorted batches for all
-    predictors = {name: Predictor(run.model, base.task, base.labels, base.tokenizer, seq_len, EVAL_BATCH, mesh)
-                  for name, run in runs.items()}
-    reader = predictors["jaxfound fp32"]
+    reader = Predictor(base.model, base.task, base.labels, base.tokenizer, seq_len, EVAL_BATCH, mesh)
+    predictors = {name: reader.for_model(run.model) for name, run in runs.items()}
     split = reader.read(eval_file, base.config.data)
     batches = reader.batches(split)
     placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, mesh) for _, b in batches]

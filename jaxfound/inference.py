@@ -10,6 +10,8 @@ benchmarks all call it.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +64,12 @@ class Predictor:
         self.batch_size = eval_batch_size(mesh, batch_size)
         self.pad_id = ftdata.special_ids(tokenizer)[2]
         self._batches = {}
+
+    def for_model(self, model) -> Predictor:
+        """Another model of the same task (e.g. its int8 copy) on this mesh, sharing the batches made so far."""
+        other = copy.copy(self)  # the batch cache is shared, not copied
+        other.model, other.step = model, make_predict_step(model, self.mesh)
+        return other
 
     def read(self, path, data_cfg):
         """A labelled file of the task, tokenized like the model was trained."""

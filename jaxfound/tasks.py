@@ -89,14 +89,16 @@ class Tagging(Task):
 
     def score(self, gold: list, pred: list) -> dict:
         tok = metrics.token_report(gold, pred)
-        head = {"accuracy": metrics.accuracy([t for s in pred for t in s], [t for s in gold for t in s])}
         if self.entities:
             ent = metrics.entity_report(gold, pred)
             head = {"f1": ent["f1"], "precision": ent["precision"], "recall": ent["recall"], "entity": ent}
+        else:
+            head = {"accuracy": metrics.accuracy([t for s in pred for t in s], [t for s in gold for t in s])}
         return {**head, "token_micro_f1": tok["micro avg"]["f1-score"], "token": tok}
 
     def render(self, report: dict) -> str:
-        token = "\ntoken level (word IOB2 tags)\n" + metrics.format_report(report["token"])
+        tags = "IOB2 tags" if self.entities else "tags"
+        token = f"\ntoken level (word {tags})\n" + metrics.format_report(report["token"])
         if not self.entities:
             return f"token accuracy {report['accuracy']:.4f}" + token
         ent = {k: v for k, v in report["entity"].items() if isinstance(v, dict)}

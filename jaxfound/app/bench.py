@@ -24,7 +24,7 @@ from jaxfound.data.pipeline import max_predictions
 from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import build_model
-from jaxfound.sharding import bytes_per_device, global_batch, initialize_distributed, make_mesh
+from jaxfound.sharding import bytes_per_device, global_batch, initialize_distributed, mesh_shape
 from jaxfound.tasks import get_task
 from jaxfound.train.build import build as build_training
 
@@ -100,10 +100,10 @@ def build(cfg) -> Bench:
     initialize_distributed(cfg.mesh)
     task = get_task(cfg.train.task, cfg.model.arch)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=resolve_vocab(cfg)))
-    mesh_shape = make_mesh(cfg.mesh).shape
-    if cfg.train.batch_size % (mesh_shape["data"] * mesh_shape["fsdp"]):
+    data, fsdp, _ = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, jax.device_count())
+    if cfg.train.batch_size % (data * fsdp):
         raise JaxfoundError(f"bench: train.batch_size={cfg.train.batch_size} is not divisible by "
-                            f"mesh data*fsdp = {mesh_shape['data'] * mesh_shape['fsdp']}")
+                            f"mesh data*fsdp = {data * fsdp}")
     training = build_training(cfg, build_model(cfg.model, task.head), task.loss, cfg.data.seq_len,
                               cfg.train.schedule_steps or max(cfg.train.steps, 1))
     full = synthetic_batch(cfg, cfg.model.vocab_size, cfg.train.seed)

@@ -71,16 +71,17 @@ def metric_name(task) -> str:
 
 def compare(run, qmodel, qparams, eval_file, rounds: int = 3) -> dict:
     """Task metric and tokens/s of run (float) and qmodel/qparams on eval_file, same batches and mesh."""
-    predictors = {"before": predictor_for(run), "after": predictor_for(dataclasses.replace(run, model=qmodel))}
-    split = predictors["before"].read(eval_file, run.config.data)
+    before = predictor_for(run)
+    predictors = {"before": before, "after": before.for_model(qmodel)}  # one mesh, one set of batches
+    split = before.read(eval_file, run.config.data)
     params = {"before": jax.device_put(run.params), "after": qparams}
+    batches = before.batches(split)
+    placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, before.mesh) for _, b in batches]
     out, runners = {"metric_name": metric_name(run.task)}, {}
     for which, predictor in predictors.items():
         out[f"metric_{which}"] = float(predictor.score(params[which], split)[run.task.metric])  # also the warm-up
-        placed = [global_batch({k: v for k, v in b.items() if k != "labels"}, predictor.mesh)
-                  for _, b in predictor.batches(split)]
         runners[which] = jax_runner(predictor.step, params[which], placed)
-    tokens = [real_tokens(b) for _, b in predictors["before"].batches(split)]
+    tokens = [real_tokens(b) for _, b in batches]
     speed = interleaved_throughput(runners, tokens, rounds)
     out |= {"metric_delta": out["metric_after"] - out["metric_before"],
             "tokens_per_s_before": speed["before"], "tokens_per_s_after": speed["after"],

@@ -83,7 +83,7 @@ def register_pretrain_run(cfg, summary: dict | None = None, params=None, *, name
         graph.ensure(g, "dataset", corpus)
         graph.add_edge(g, name, corpus, "pretrained_on")
     task = f"{corpus}/{cfg.train.task}"
-    _record_scores(g, name, task, _summary_scores(task, summary))
+    _record_scores(g, name, _summary_scores(task, summary), task)
     graph.save(g, cfg.run.registry)
     return name
 
@@ -111,7 +111,7 @@ def register_finetune_run(cfg, summary: dict | None = None, params=None, *, name
         graph.register_finetune(g, name, str(run_dir), base, dataset, task, signature=signature,
                                 labels=runs.read_labels(run_dir), seed=cfg.train.seed, lr=cfg.train.lr,
                                 content_hash=_hash(run_dir / "best"))
-    _record_scores(g, name, task, _summary_scores(task, summary))
+    _record_scores(g, name, _summary_scores(task, summary), task)
     graph.save(g, cfg.run.registry)
     return name
 
@@ -127,8 +127,10 @@ def _summary_scores(task: str, summary: dict | None) -> list[tuple[str, str, str
             if metric in RECORDED_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
-def _record_scores(g: ig.Graph, name: str, task: str, scores) -> None:
-    graph.ensure(g, "task", task)
+def _record_scores(g: ig.Graph, name: str, scores, task: str | None = None) -> None:
+    """scores: (task, metric, split, value) rows; task: a task vertex to have even without scores."""
+    if task:
+        graph.ensure(g, "task", task)
     for score_task, metric, split, value in scores:
         graph.ensure(g, "task", score_task)
         graph.record_score(g, name, score_task, metric, value, split)
@@ -140,7 +142,6 @@ def register_quantize_run(registry, name: str, path: str | None, source: str, me
     g = graph.load(registry, create=True)
     source = (_find_by_path(g, source) if Path(source).exists() else None) or source  # a path or a name
     graph.register_quantize(g, name, path, source, method)
-    for score in scores:
-        _record_scores(g, name, score[0], [score])
+    _record_scores(g, name, scores)
     graph.save(g, registry)
     return name

@@ -58,6 +58,7 @@ class _Loop:
     pending: tuple | None = None  # (step, device metrics): read one step late so the host never waits on the device
     tokens: int = 0
     t_since: float = field(default_factory=time.perf_counter)
+    config: dict = field(default_factory=dict)  # the resolved config, saved with every checkpoint
     history: list = field(default_factory=list)  # this invocation's rows (the summary of processes other than 0)
 
     def emit(self, train: dict | None, ev: dict | None = None) -> None:
@@ -69,7 +70,7 @@ class _Loop:
         train_hooks.call(self.hooks, "on_row", row)
 
     def save(self, force: bool = False):
-        ckpt.save(self.mngr, self.step, self.state, self.iterator, to_dict(self.cfg), force=force,
+        ckpt.save(self.mngr, self.step, self.state, self.iterator, self.config, force=force,
                   data_fingerprint=self.job.data_fingerprint)
 
     def train_row(self, step: int, m) -> dict:
@@ -152,7 +153,8 @@ def _start(cfg, job: Job, training: Training | None, hooks) -> _Loop:
         print(f"resume: continuing from step {step0} in {run_dir}")
     state = restored if restored is not None else training.state
     training.state = None  # the loop owns the state now: a restored run does not keep the fresh one alive
-    loop = _Loop(cfg, job, training, hooks, mngr, iterator, state, int(jax.device_get(state.step)))
+    loop = _Loop(cfg, job, training, hooks, mngr, iterator, state, int(jax.device_get(state.step)),
+                 config=to_dict(cfg))
     if loop.step >= job.total_steps:
         print(f"nothing to do: step {loop.step} >= train.steps {job.total_steps}")
     train_hooks.call(hooks, "on_start", loop.step)
