@@ -30,17 +30,29 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _choice("bert", "bert", "gpt")
+    arch: str = _choice("bert", "bert", "gpt", "llama")  # llama: the Llama / Mistral / Qwen decoder family
     vocab_size: int = 0  # 0: take the tokenizer's size (rounded up to a multiple of 128)
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 2
+    num_kv_heads: int = 0  # llama: key/value heads (grouped-query attention); 0 = num_heads
+    head_dim: int = 0  # llama: 0 = hidden_size // num_heads
     intermediate_size: int = 512
     max_position: int = 512
     type_vocab_size: int = 2  # BERT token types
     dropout: float = 0.1  # hidden dropout (attention-probability dropout is not applied)
     layer_norm_eps: float = 1e-12
-    activation: str = _choice("gelu", "gelu", "gelu_new", "relu")
+    activation: str = _choice("gelu", "gelu", "gelu_new", "relu", "silu")  # llama: the SwiGLU gate's activation
+    rope_theta: float = 10000.0  # llama: rotary base
+    rope_scaling: str = _choice("none", "none", "linear", "llama3")
+    rope_factor: float = 1.0  # linear / llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position: int = 8192  # llama3
+    attention_bias: bool = False  # llama: biases on q / k / v (Qwen2)
+    qk_norm: bool = False  # llama: RMSNorm per head on q and k (Qwen3)
+    sliding_window: int = 0  # llama: attend to the last N positions only (Mistral); 0 = all
+    tie_embeddings: bool = True  # llama: the LM head is the word embedding (GPT-2 is always tied)
     dtype: str = _choice("float32", "float32", "bfloat16")  # compute dtype
     param_dtype: str = _choice("float32", "float32", "bfloat16")
     remat: bool = False  # rematerialise each block in the backward pass
@@ -213,10 +225,11 @@ def _build(cls, values: dict, prefix: str, source: str):
 
 
 _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
-             "model.max_position", "model.type_vocab_size", "model.layer_norm_eps", "data.tokenizer_vocab",
+             "model.max_position", "model.type_vocab_size", "model.layer_norm_eps", "model.rope_theta",
+             "model.rope_factor", "data.tokenizer_vocab",
              "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
              "train.eval_batches", "mesh.fsdp", "mesh.tensor", "checkpoint.keep")
-_NON_NEGATIVE = ("model.vocab_size", "data.synthetic_docs", "train.steps", "train.schedule_steps",
+_NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "data.synthetic_docs", "train.steps", "train.schedule_steps",
                  "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps", "train.clip_norm",
                  "checkpoint.every")
 _UNIT = {"model.dropout": (0.0, 1.0, "[0, 1)"), "data.mask_prob": (0.0, 1.0, "(0, 1)"),
@@ -249,8 +262,10 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         raise bad("mesh.data", "-1 (all devices left over) or > 0")
     if cfg.data.seq_len < 2:
         raise bad("data.seq_len", ">= 2")
-    if cfg.model.hidden_size % cfg.model.num_heads:
-        raise bad("model.num_heads", f"a divisor of model.hidden_size={cfg.model.hidden_size}")
+    if cfg.model.hidden_size % cfg.model.num_heads and not (cfg.model.arch == "llama" and cfg.model.head_dim):
+        raise bad("model.num_heads", f"a divisor of model.hidden_size={cfg.model.hidden_size} (or set model.head_dim)")
+    if cfg.model.num_kv_heads < 0 or cfg.model.num_heads % (cfg.model.num_kv_heads or cfg.model.num_heads):
+        raise bad("model.num_kv_heads", f"0 or a divisor of model.num_heads={cfg.model.num_heads}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise bad("train.grad_accum", f"a divisor of train.batch_size={cfg.train.batch_size}")
     if cfg.data.seq_len > cfg.model.max_position:

@@ -42,6 +42,11 @@ LOGICAL_RULES = (
     ("types", None),
     ("norm", None),
     ("labels", None),
+    ("head_dim", None),
+    # the KV cache: rows over data and fsdp like the batch, key/value heads over tensor like the heads
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_len", None),
+    ("cache_heads", "tensor"),
 )
 
 

@@ -1,17 +1,18 @@
-"""Flax transformer modules: BERT (encoder, MLM and classification heads) and GPT-2 (decoder, tied LM head)."""
+"""Flax transformer modules: BERT (encoder), GPT-2 and the Llama family (decoders), with their heads; the KV cache."""
 
 import jax
 import jax.numpy as jnp
 
 from jaxfound.models.bert import Bert
 from jaxfound.models.gpt import GPT
+from jaxfound.models.llama import Llama
 
-TRUNK_KEYS = ("bert", "gpt")  # the shared encoder / decoder params; every other top-level key is a task head
+TRUNK_KEYS = ("bert", "gpt", "llama")  # the shared encoder / decoder params; every other top-level key is a task head
 
 
 def build_model(cfg, head: str):
     """The model for an architecture and a head ('none', 'mlm', 'lm', 'token_cls', 'seq_cls')."""
-    return (Bert if cfg.arch == "bert" else GPT)(cfg, head=head)
+    return {"bert": Bert, "gpt": GPT, "llama": Llama}[cfg.arch](cfg, head=head)
 
 
 def abstract_params(model, seq_len: int = 2):
@@ -20,4 +21,4 @@ def abstract_params(model, seq_len: int = 2):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
 
 
-__all__ = ["GPT", "TRUNK_KEYS", "Bert", "abstract_params", "build_model"]
+__all__ = ["GPT", "TRUNK_KEYS", "Bert", "Llama", "abstract_params", "build_model"]

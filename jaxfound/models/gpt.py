@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxfound.models import cache as kv_cache
 from jaxfound.models import layers
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -18,34 +19,45 @@ class GPTBlock(nn.Module):
     cfg: object
 
     @nn.compact
-    def __call__(self, h_BxLxD, mask, deterministic: bool):
+    def __call__(self, h_BxLxD, mask, deterministic: bool, cache=None, index_B=None):
         cfg = self.cfg
         drop = layers.Dropout(cfg.dropout)
         attend = layers.SelfAttention(cfg, causal=True, name="attention")
-        a_BxLxD = attend(layers.layer_norm(cfg, "ln_1")(h_BxLxD), mask)
+        a_BxLxD = attend(layers.layer_norm(cfg, "ln_1")(h_BxLxD), mask, cache=cache, index_B=index_B)
+        if cache is not None:
+            a_BxLxD, cache = a_BxLxD
         h_BxLxD = h_BxLxD + drop(a_BxLxD, deterministic=deterministic)
         m_BxLxD = layers.MLP(cfg, name="mlp")(layers.layer_norm(cfg, "ln_2")(h_BxLxD))
-        return layers.constrain(h_BxLxD + drop(m_BxLxD, deterministic=deterministic), ACT)
+        h_BxLxD = layers.constrain(h_BxLxD + drop(m_BxLxD, deterministic=deterministic), ACT)
+        return h_BxLxD if cache is None else (h_BxLxD, cache)
 
 
 class GPTDecoder(nn.Module):
     cfg: object
 
     @nn.compact
-    def __call__(self, ids_BxL, attention_mask_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
+    def __call__(self, ids_BxL, attention_mask_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
+                 cache=None, index_B=None):
         cfg = self.cfg
         L = ids_BxL.shape[1]
         word = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             name="word")
+        positions = jnp.arange(L)[None] if cache is None else kv_cache.positions(index_B, L)
         h_BxLxD = word(ids_BxL) + layers.Embed(
             cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position"
-        )(jnp.arange(L)[None])
+        )(positions)
         h_BxLxD = layers.constrain(layers.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
         mask = layers.attention_mask(attention_mask_BxL, segment_ids_BxL)
         block = nn.remat(GPTBlock, static_argnums=(3,)) if cfg.remat else GPTBlock
+        new_cache = {}
         for i in range(cfg.num_layers):
-            h_BxLxD = block(cfg, name=f"layer_{i}")(h_BxLxD, mask, deterministic)
-        return layers.layer_norm(cfg, "ln_f")(h_BxLxD)
+            name = f"layer_{i}"
+            if cache is None:
+                h_BxLxD = block(cfg, name=name)(h_BxLxD, mask, deterministic)
+            else:
+                h_BxLxD, new_cache[name] = block(cfg, name=name)(h_BxLxD, mask, deterministic, cache[name], index_B)
+        h_BxLxD = layers.layer_norm(cfg, "ln_f")(h_BxLxD)
+        return h_BxLxD if cache is None else (h_BxLxD, new_cache)
 
 
 class GPT(nn.Module):
@@ -56,15 +68,25 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
-                 masked_positions=None, deterministic: bool = True):
+                 masked_positions=None, deterministic: bool = True, cache=None, cache_index=None):
+        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache).
+        masked_positions (B, P): LM logits only at those positions."""
         cfg = self.cfg
         decoder = GPTDecoder(cfg, name="gpt")
-        h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
+        if cache is not None:
+            if self.head != "lm":
+                raise ValueError("a KV cache needs the 'lm' head")
+            h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
+        else:
+            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
         if self.head == "none":
             return h_BxLxD
         if self.head == "lm":
+            if masked_positions is not None:
+                h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[:, :, None], axis=1)
             logits = layers.tied_logits(h_BxLxD, decoder.variables["params"]["word"]["embedding"], cfg)
-            return layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+            logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+            return logits if cache is None else (logits, cache)
         if self.head == "token_cls":
             return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
         if self.head == "seq_cls":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxfound.models import cache as kv_cache
 from jaxfound.quant.int8 import quantized_dot
 from jaxfound.sharding import constrain  # noqa: F401  (re-exported for bert.py / gpt.py)
 
@@ -14,6 +16,7 @@ ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
+    "silu": nn.silu,
 }
 init_normal = nn.initializers.normal(0.02)
 
@@ -126,25 +129,84 @@ def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
     return None
 
 
-def attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask=None, causal: bool = False):
+def attention(q_BxQxNxH, k_BxLxKxH, v_BxLxKxH, mask=None, causal: bool = False):
     """softmax(q k^T / sqrt(H), masked) v per head: jax.nn.dot_product_attention's XLA path, written out.
 
-    Logits and softmax in float32 whatever the compute dtype; masked logits get a large negative value (rows that
-    mask every key are the caller's to avoid). The scale is applied to q (Q x H) rather than to the logits
-    (Q x L). Written out because XLA:CPU runs this form faster than the library's grouped-query vmap (same math).
-    mask: bool, broadcastable to (B, N, Q, L), or None; causal: also mask keys after the query (Q == L).
+    Grouped-query attention when the keys have K < N heads: query head n reads key/value head n // (N / K)
+    (transformers' repeat_kv order), without copying the keys. Logits and softmax in float32 whatever the compute
+    dtype; masked logits get a large negative value (rows that mask every key are the caller's to avoid). The scale
+    is applied to q (Q x H) rather than to the logits (Q x L). Written out because XLA:CPU runs this form faster
+    than the library's grouped-query vmap (same math).
+    mask: bool, broadcastable to (B, 1, Q, L), or None; causal: also mask keys after the query (Q == L).
     """
-    H = q_BxQxNxH.shape[-1]
+    B, Q, N, H = q_BxQxNxH.shape
+    K = k_BxLxKxH.shape[2]
     q_BxQxNxH = q_BxQxNxH * jnp.asarray(H ** -0.5, q_BxQxNxH.dtype)
-    logits_BxNxQxL = jnp.einsum("bqnh,blnh->bnql", q_BxQxNxH, k_BxLxNxH, preferred_element_type=jnp.float32)
     if causal:
-        Q, L = logits_BxNxQxL.shape[-2:]
+        L = k_BxLxKxH.shape[1]
         tril_QxL = jnp.tril(jnp.ones((Q, L), bool))
         mask = tril_QxL if mask is None else mask & tril_QxL
+    neg = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+    if K == N:
+        logits_BxNxQxL = jnp.einsum("bqnh,blnh->bnql", q_BxQxNxH, k_BxLxKxH, preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits_BxNxQxL = jnp.where(mask, logits_BxNxQxL, neg)
+        probs_BxNxQxL = jax.nn.softmax(logits_BxNxQxL, axis=-1).astype(v_BxLxKxH.dtype)
+        return jnp.einsum("bnql,blnh->bqnh", probs_BxNxQxL, v_BxLxKxH)
+    q_BxQxKxGxH = q_BxQxNxH.reshape(B, Q, K, N // K, H)
+    logits = jnp.einsum("bqkgh,blkh->bkgql", q_BxQxKxGxH, k_BxLxKxH, preferred_element_type=jnp.float32)
     if mask is not None:
-        logits_BxNxQxL = jnp.where(mask, logits_BxNxQxL, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
-    probs_BxNxQxL = jax.nn.softmax(logits_BxNxQxL, axis=-1).astype(v_BxLxNxH.dtype)
-    return jnp.einsum("bnql,blnh->bqnh", probs_BxNxQxL, v_BxLxNxH)
+        mask = mask[:, :, None] if mask.ndim == 4 else mask  # (B, 1, Q|1, L) -> (B, 1, 1, Q|1, L)
+        logits = jnp.where(mask, logits, neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxKxH.dtype)
+    return jnp.einsum("bkgql,blkh->bqkgh", probs, v_BxLxKxH).reshape(B, Q, N, H)
+
+
+def rms_norm(cfg, name, axes=("norm",)):
+    """RMSNorm as transformers' Llama computes it: in float32, scaled by the weight in the compute dtype."""
+    return RMSNorm(cfg.layer_norm_eps, cfg.dtype, cfg.param_dtype, axes, name=name)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    axes: tuple = ("norm",)
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes), (x.shape[-1],),
+                           DTYPES[self.param_dtype])
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        dtype = DTYPES[self.dtype]
+        return scale.astype(dtype) * normed.astype(dtype)
+
+
+def rope_frequencies(cfg, head_dim: int):
+    """Inverse frequencies (H/2,) of the rotary embedding, with linear or llama3 scaling as transformers does."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_position
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxLxNxH, positions_BxL, inv_freq):
+    """Rotary position embedding, transformers' rotate-half layout (pairs are (i, i + H/2)), angles in float32."""
+    angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    cos = jnp.cos(angles_BxLxF)[:, :, None].astype(x_BxLxNxH.dtype)
+    sin = jnp.sin(angles_BxLxF)[:, :, None].astype(x_BxLxNxH.dtype)
+    x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class SelfAttention(nn.Module):
@@ -152,8 +214,10 @@ class SelfAttention(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, h_BxLxD, mask, h_query_BxQxD=None):
-        """h_query_BxQxD: attend from these rows only (default: every row of h_BxLxD); mask is then (B, 1, Q, L)."""
+    def __call__(self, h_BxLxD, mask, h_query_BxQxD=None, cache=None, index_B=None):
+        """h_query_BxQxD: attend from these rows only (default: every row of h_BxLxD); mask is then (B, 1, Q, L).
+        cache: this layer's KV cache (models.cache); the new tokens are written from slot index_B on, attention runs
+        over the cache and (output, new cache) is returned."""
         cfg = self.cfg
         B, L, D = h_BxLxD.shape
         N = cfg.num_heads
@@ -163,9 +227,14 @@ class SelfAttention(nn.Module):
             return constrain(x, ("act_batch", "act_len", "act_heads", None))
         q_BxQxNxH = heads("query", h_query_BxQxD)
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
-        out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
-        out_BxQxD = out_BxQxNxH.reshape(B, -1, D)
-        return dense(cfg, D, ("heads", "embed"), "out")(out_BxQxD)
+        if cache is not None:
+            cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
+            mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[1])
+            out_BxQxNxH = attention(q_BxQxNxH, cache["k"], cache["v"], mask)
+        else:
+            out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
+        out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))
+        return out_BxQxD if cache is None else (out_BxQxD, cache)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,168 @@
+"""The Llama decoder family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 — one module, switched by ModelConfig.
+
+RMSNorm before attention and MLP, rotary positions (default, linear or llama3 scaling), grouped-query attention
+(num_kv_heads), a SwiGLU MLP without biases, optional q/k/v biases (Qwen2), optional per-head RMSNorm of q and k
+(Qwen3), an optional sliding window (Mistral), and an LM head tied to the word embeddings or its own.
+
+Params: ``llama`` (the trunk: word embedding, layer_i/{input_norm, attention/{query, key, value, out, q_norm,
+k_norm}, post_attention_norm, mlp/{gate, up, down}}, norm), ``lm_head`` when untied, ``classifier`` for the
+token / sequence classification heads.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxfound.models import cache as kv_cache
+from jaxfound.models import layers
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+def head_dims(cfg) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim)."""
+    return cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+class LlamaAttention(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_BxLxD, mask, positions_BxL, cache=None, index_B=None):
+        cfg = self.cfg
+        B, L, _ = h_BxLxD.shape
+        N, K, H = head_dims(cfg)
+
+        def project(name, heads):
+            x = layers.dense(cfg, heads * H, ("embed", "heads"), name, use_bias=cfg.attention_bias)(h_BxLxD)
+            x = x.reshape(B, L, heads, H)
+            if cfg.qk_norm and name != "value":
+                x = layers.rms_norm(cfg, name[0] + "_norm", ("head_dim",))(x)
+            return layers.constrain(x, ("act_batch", "act_len", "act_heads", None))
+
+        inv_freq = layers.rope_frequencies(cfg, H)
+        q_BxLxNxH = layers.apply_rope(project("query", N), positions_BxL, inv_freq)
+        k_BxLxKxH = layers.apply_rope(project("key", K), positions_BxL, inv_freq)
+        v_BxLxKxH = project("value", K)
+        if cache is not None:
+            cache = kv_cache.write(cache, k_BxLxKxH, v_BxLxKxH, index_B)
+            mask = kv_cache.visible(positions_BxL, cache["k"].shape[1], cfg.sliding_window)
+            out_BxLxNxH = layers.attention(q_BxLxNxH, cache["k"], cache["v"], mask)
+        else:
+            out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
+        out_BxLxD = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "out", use_bias=False)(
+            out_BxLxNxH.reshape(B, L, N * H))
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
+
+
+class SwiGLU(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_BxLxD):
+        cfg = self.cfg
+        gate_BxLxF = layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate", use_bias=False)(h_BxLxD)
+        up_BxLxF = layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up", use_bias=False)(h_BxLxD)
+        x_BxLxF = layers.constrain(layers.ACTIVATIONS[cfg.activation](gate_BxLxF) * up_BxLxF,
+                                   ("act_batch", "act_len", "act_mlp"))
+        return layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down", use_bias=False)(x_BxLxF)
+
+
+class LlamaBlock(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, h_BxLxD, mask, positions_BxL, deterministic: bool, cache=None, index_B=None):
+        cfg = self.cfg
+        drop = layers.Dropout(cfg.dropout)
+        a_BxLxD = LlamaAttention(cfg, name="attention")(layers.rms_norm(cfg, "input_norm")(h_BxLxD), mask,
+                                                         positions_BxL, cache, index_B)
+        if cache is not None:
+            a_BxLxD, cache = a_BxLxD
+        h_BxLxD = h_BxLxD + drop(a_BxLxD, deterministic=deterministic)
+        m_BxLxD = SwiGLU(cfg, name="mlp")(layers.rms_norm(cfg, "post_attention_norm")(h_BxLxD))
+        h_BxLxD = layers.constrain(h_BxLxD + drop(m_BxLxD, deterministic=deterministic), ACT)
+        return h_BxLxD if cache is None else (h_BxLxD, cache)
+
+
+def _training_mask(attention_mask_BxL, segment_ids_BxL, L: int, window: int):
+    """(B|1, 1, L, L) causal mask with padding, packed documents and the sliding window applied."""
+    q_L, k_L = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    causal_LxL = k_L <= q_L
+    if window:
+        causal_LxL &= k_L > q_L - window
+    mask = layers.attention_mask(attention_mask_BxL, segment_ids_BxL)
+    return causal_LxL[None, None] if mask is None else mask & causal_LxL
+
+
+class LlamaDecoder(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, ids_BxL, attention_mask_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
+                 cache=None, index_B=None):
+        cfg = self.cfg
+        L = ids_BxL.shape[1]
+        word = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            name="word")
+        h_BxLxD = layers.constrain(layers.Dropout(cfg.dropout)(word(ids_BxL), deterministic=deterministic), ACT)
+        if cache is None:
+            positions_BxL = jnp.arange(L)[None]
+            mask = _training_mask(attention_mask_BxL, segment_ids_BxL, L, cfg.sliding_window)
+        else:
+            positions_BxL, mask = kv_cache.positions(index_B, L), None
+        block = nn.remat(LlamaBlock, static_argnums=(4,)) if cfg.remat else LlamaBlock
+        new_cache = {}
+        for i in range(cfg.num_layers):
+            name = f"layer_{i}"
+            if cache is None:
+                h_BxLxD = block(cfg, name=name)(h_BxLxD, mask, positions_BxL, deterministic)
+            else:
+                h_BxLxD, new_cache[name] = block(cfg, name=name)(h_BxLxD, mask, positions_BxL, deterministic,
+                                                                  cache[name], index_B)
+        h_BxLxD = layers.rms_norm(cfg, "norm")(h_BxLxD)
+        return h_BxLxD if cache is None else (h_BxLxD, new_cache)
+
+
+class Llama(nn.Module):
+    """A Llama-family decoder with a head: 'none' (hidden states), 'lm' (logits), 'token_cls' or 'seq_cls'."""
+
+    cfg: object
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
+                 masked_positions=None, deterministic: bool = True, cache=None, cache_index=None):
+        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache).
+        masked_positions (B, P): LM logits only at those positions."""
+        cfg = self.cfg
+        decoder = LlamaDecoder(cfg, name="llama")
+        if cache is not None:
+            if self.head != "lm":
+                raise ValueError("a KV cache needs the 'lm' head")
+            h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
+        else:
+            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
+        if self.head == "none":
+            return h_BxLxD
+        if self.head == "lm":
+            if masked_positions is not None:
+                h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[:, :, None], axis=1)
+            if cfg.tie_embeddings:
+                logits = layers.tied_logits(h_BxLxD, decoder.variables["params"]["word"]["embedding"], cfg)
+            else:
+                logits = layers.dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)(h_BxLxD)
+                logits = logits.astype(jnp.float32)
+            logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+            return logits if cache is None else (logits, cache)
+        if self.head == "token_cls":
+            return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
+        if self.head == "seq_cls":  # the last real token summarises the sequence in a causal model
+            if attention_mask is None:
+                last_B = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+            else:
+                last_B = jnp.sum(attention_mask, axis=1) - 1
+            h_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+            return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxD).astype(jnp.float32)
+        raise ValueError(f"unknown Llama head {self.head!r}")
