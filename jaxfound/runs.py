@@ -7,7 +7,7 @@
 Layout: config.json (the resolved Config), labels.json (classifiers), tokenizer/, best/ (params, orbax) or
 params.safetensors + quant.json (int8), checkpoints/ (train state + data position), metrics.jsonl, summary.json,
 report_<split>.json, merge.json / quant_report.json. A transformers dir (config.json + safetensors) opens through
-jaxfound.interop. Decoder and adapter runs will add kinds here.
+jaxfound.interop, and so does a GGUF file (kind 'gguf'). Adapter runs will add their kind here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jaxfound.quant.checkpoint import META_FILE as QUANT_META
 from jaxfound.quant.checkpoint import load_quantized, save_quantized
 from jaxfound.tasks import HEAD_TASK, get_task, resolve_task
 
-KINDS = ("pretrained", "finetuned", "merged", "quantized", "transformers")
+KINDS = ("pretrained", "finetuned", "merged", "quantized", "transformers", "gguf")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
@@ -56,8 +56,12 @@ class Run:
 
 
 def kind_of(path: str | Path) -> str:
-    """What a directory holds, from its files alone."""
+    """What a directory (or a .gguf file) holds, from its files alone."""
     p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise JaxfoundError(f"{path}: GGUF file not found")
+        return "gguf"
     if not (p / "config.json").is_file():
         raise JaxfoundError(f"{path}: no config.json; expected a jaxfound run dir or a transformers dir")
     if not {"run", "model"} <= _read_json(p / "config.json").keys():
@@ -78,7 +82,7 @@ def open_run(path: str | Path, head: str | None = None) -> Run:
     'none': the trunk alone)."""
     p = Path(path)
     kind = kind_of(p)
-    if kind == "transformers":
+    if kind in ("transformers", "gguf"):
         return _open_transformers(p, head)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
     task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
@@ -88,13 +92,19 @@ def open_run(path: str | Path, head: str | None = None) -> Run:
 
 
 def _open_transformers(p: Path, head: str | None) -> Run:
+    """A transformers directory, or a GGUF file (its tokenizer and chat template come from its metadata)."""
     info = load_hf_config(p, head)
     model, params = from_pretrained(p, head)
     labels = [info.id2label[i] for i in range(len(info.id2label))] if info.id2label else None
-    has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
+    if p.suffix.lower() == ".gguf":
+        from jaxfound.interop.gguf import gguf_tokenizer
+
+        tokenizer, kind = gguf_tokenizer(p), "gguf"
+    else:
+        has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
+        tokenizer, kind = (load_tokenizer(str(p)) if has_tok else None), "transformers"
     cfg = Config(model=model.cfg, train=TrainConfig(task=HEAD_TASK[model.head]))
-    return Run(p, "transformers", cfg, get_task(cfg.train.task), model, params,
-               load_tokenizer(str(p)) if has_tok else None, labels)
+    return Run(p, kind, cfg, get_task(cfg.train.task), model, params, tokenizer, labels)
 
 
 def require_float(run: Run, verb: str) -> Run:

@@ -48,7 +48,7 @@ class Task:
     head: str  # the model head: 'mlm', 'lm', 'token_cls', 'seq_cls'
     loss: Callable
     metric: str = "eval_loss"  # the headline metric: the best checkpoint maximises it (losses: reported only)
-    arch: str | None = None  # the architecture it needs, if any
+    archs: tuple[str, ...] = ()  # the architectures it can train (empty: any)
     pretraining: bool = True
 
 
@@ -149,8 +149,8 @@ class Classify(Task):
 
 
 TASKS = {
-    "mlm": Task("mlm", "mlm", losses.mlm_loss, arch="bert"),
-    "clm": Task("clm", "lm", losses.clm_loss, arch="gpt"),
+    "mlm": Task("mlm", "mlm", losses.mlm_loss, archs=("bert",)),
+    "clm": Task("clm", "lm", losses.clm_loss, archs=("gpt", "llama")),
     "ner": Tagging("ner", "token_cls", losses.token_cls_loss, "f1", pretraining=False),
     "pos": Tagging("pos", "token_cls", losses.token_cls_loss, "accuracy", pretraining=False, column=1,
                    entities=False),
@@ -165,8 +165,8 @@ def get_task(name: str, arch: str | None = None) -> Task:
     if name not in TASKS:
         raise JaxfoundError(f"unknown task '{name}' (allowed: {', '.join(TASKS)})")
     task = TASKS[name]
-    if arch is not None and task.arch not in (None, arch):
-        raise JaxfoundError(f"train.task={name} needs model.arch={task.arch}, got model.arch={arch}")
+    if arch is not None and task.archs and arch not in task.archs:
+        raise JaxfoundError(f"train.task={name} needs model.arch {' or '.join(task.archs)}, got model.arch={arch}")
     return task
 
 

@@ -1,4 +1,4 @@
-"""End to end: `jaxfound pretrain` learns, resumes exactly, survives SIGTERM, and GPT trains too."""
+"""End to end: `jaxfound pretrain` learns, resumes exactly, survives SIGTERM, and GPT and Llama train too."""
 
 import json
 import os
@@ -114,3 +114,18 @@ def test_gpt_tiny_clm_loss_falls(tmp_path):
     losses = _losses(tmp_path)
     first, last = sum(losses[s] for s in range(1, 11)) / 10, sum(losses[s] for s in range(51, 61)) / 10
     assert last < 0.85 * first, (first, last)
+
+
+def test_llama_tiny_clm_loss_falls_and_resume_replays_the_same_losses(tmp_path):
+    recipe = str(Path(__file__).resolve().parent.parent / "configs" / "llama_tiny_clm.yaml")
+    common = ["-c", recipe, *TINY, "model.num_heads=4", "model.num_kv_heads=2", "train.lr=3e-3",
+              "train.schedule_steps=40", "checkpoint.every=20"]
+    assert main(["pretrain", *common, f"run.dir={tmp_path / 'whole'}", "train.steps=40"]) == 0
+    whole = _losses(tmp_path / "whole")
+    first, last = sum(whole[s] for s in range(1, 11)) / 10, sum(whole[s] for s in range(31, 41)) / 10
+    assert last < 0.85 * first, (first, last)
+    split = [*common, f"run.dir={tmp_path / 'split'}", f"data.tokenizer={tmp_path / 'whole' / 'tokenizer'}"]
+    assert main(["pretrain", *split, "train.steps=20"]) == 0
+    assert main(["pretrain", *split, "train.steps=40"]) == 0
+    resumed = _losses(tmp_path / "split")
+    assert [resumed[s] for s in range(21, 41)] == [whole[s] for s in range(21, 41)]

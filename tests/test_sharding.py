@@ -6,7 +6,7 @@ import pytest
 
 from jaxfound.config import MeshConfig, ModelConfig, TrainConfig
 from jaxfound.errors import JaxfoundError
-from jaxfound.losses import mlm_loss
+from jaxfound.losses import clm_loss, mlm_loss
 from jaxfound.models import build_model
 from jaxfound.sharding import bytes_per_device, make_mesh, mesh_shape
 from jaxfound.train.optim import make_optimizer
@@ -15,6 +15,8 @@ from jaxfound.train.step import make_train_step
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                   max_position=32, dropout=0.1)
+LLAMA = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=96, max_position=32, dropout=0.0, activation="silu", layer_norm_eps=1e-5)
 B, L, P = 16, 32, 5
 
 
@@ -27,13 +29,14 @@ def _batches(n):
              "mlm_weights": np.ones((B, P), np.float32)}]  # one batch, repeated: the loss must fall
 
 
-def _run(data, fsdp, tensor, steps=5):
+def _run(data, fsdp, tensor, steps=5, cfg=CFG):
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:data * fsdp * tensor])
-    model = build_model(CFG, "mlm")
+    causal = cfg.arch == "llama"
+    model = build_model(cfg, "lm" if causal else "mlm")
     tx = make_optimizer(TrainConfig(lr=1e-3, warmup_steps=1), 100)
     shardings = state_shardings(model, tx, mesh, L)
     state = init_state(model, tx, mesh, L, seed=0, shardings=shardings)
-    step = make_train_step(model, tx, mlm_loss, mesh, shardings, seed=0)
+    step = make_train_step(model, tx, clm_loss if causal else mlm_loss, mesh, shardings, seed=0)
     losses = []
     for batch in _batches(steps):
         state, metrics = step(state, batch)
@@ -41,11 +44,12 @@ def _run(data, fsdp, tensor, steps=5):
     return losses, state
 
 
-def test_losses_agree_across_meshes():
-    reference, _ = _run(1, 1, 1)
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["bert", "llama"])
+def test_losses_agree_across_meshes(cfg):
+    reference, _ = _run(1, 1, 1, cfg=cfg)
     assert reference[-1] < reference[0]
     for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
-        losses, _ = _run(*shape)
+        losses, _ = _run(*shape, cfg=cfg)
         np.testing.assert_allclose(losses, reference, rtol=1e-4, err_msg=f"mesh {shape}")
 
 

@@ -55,7 +55,7 @@ def test_cls_score_and_prediction_rows():
 
 def test_pretraining_task_needs_its_architecture():
     assert get_task("mlm", "bert").head == "mlm"
-    with pytest.raises(JaxfoundError, match="train.task=clm needs model.arch=gpt"):
+    with pytest.raises(JaxfoundError, match="train.task=clm needs model.arch gpt or llama"):
         get_task("clm", "bert")
     with pytest.raises(JaxfoundError, match="unknown task 'xyz'"):
         get_task("xyz")
