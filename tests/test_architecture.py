@@ -22,7 +22,7 @@ LAYERS = [
     ("jaxfound.runs",),
     ("jaxfound.train.build", "jaxfound.train.hooks", "jaxfound.train.loop"),
     ("jaxfound.fusion",),
-    ("jaxfound.inference",),
+    ("jaxfound.inference", "jaxfound.generation"),
     ("jaxfound.app",),
     ("jaxfound.cli",),
 ]

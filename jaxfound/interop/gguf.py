@@ -1,6 +1,7 @@
 """llama.cpp GGUF -> transformers: config, float32 weights in torch names and layouts, tokenizer, a directory.
 
     model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")      # GGUFModel(config, tensors)
+    config = read_gguf_config("SmolLM2-135M-Instruct.Q4_1.gguf")  # model.config, nothing dequantized
     tokenizer = gguf_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
     write_transformers_dir("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")   # what AutoModelForCausalLM loads
 
@@ -111,8 +112,8 @@ def dequantized(tensor, file: Path) -> np.ndarray:
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise JaxfoundError(f"{file}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf "
-                            f"{getattr(gguf, '__version__', '')} cannot dequantize ({e})") from e
+        raise JaxfoundError(f"{file}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the installed "
+                            f"gguf cannot dequantize ({e}); a newer gguf may (pip install -U gguf)") from e
     return np.array(values, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
@@ -193,22 +194,22 @@ def rope_scaling(meta: dict, arch: str, file: Path) -> dict | None:
     raise JaxfoundError(f"{file}: metadata {arch}.rope.scaling.type is {kind!r}; supported: none, linear, yarn")
 
 
-def hf_config(meta: dict, family: Family, tensors: dict[str, np.ndarray], file: Path) -> dict:
-    """A transformers config.json for the model (tensors: the GGUF-named float32 tensors)."""
+def hf_config(meta: dict, family: Family, shapes: dict[str, tuple], rope_freqs: np.ndarray | None, file: Path) -> dict:
+    """A transformers config.json for the model (shapes: numpy shape of each GGUF tensor by its GGUF name)."""
     arch = meta["general.architecture"]
+    if "token_embd.weight" not in shapes:
+        raise JaxfoundError(f"{file}: tensor token_embd.weight is missing; every {arch} GGUF has the token embedding")
     hidden, n_head = (_require(meta, f"{arch}.{k}", file) for k in ("embedding_length", "attention.head_count"))
     head_dim = meta.get(f"{arch}.attention.key_length",
                         meta.get(f"{arch}.rope.dimension_count") if family.permuted_qk else None) or hidden // n_head
     rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))  # llama.cpp's default when absent
     scaling = rope_scaling(meta, arch, file)
-    if ROPE_FREQS in tensors:
-        scaling = llama3_rope_scaling(tensors[ROPE_FREQS].astype(np.float64), rope_theta, head_dim, file)
-    if "token_embd.weight" not in tensors:
-        raise JaxfoundError(f"{file}: tensor token_embd.weight is missing; every {arch} GGUF has the token embedding")
+    if rope_freqs is not None:
+        scaling = llama3_rope_scaling(rope_freqs.astype(np.float64), rope_theta, head_dim, file)
     config = {
         "model_type": family.model_type,
         "architectures": [family.architecture],
-        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
+        "vocab_size": shapes["token_embd.weight"][0],
         "hidden_size": hidden,
         "intermediate_size": _require(meta, f"{arch}.feed_forward_length", file),
         "num_hidden_layers": _require(meta, f"{arch}.block_count", file),
@@ -219,8 +220,8 @@ def hf_config(meta: dict, family: Family, tensors: dict[str, np.ndarray], file: 
         "rope_theta": rope_theta,
         "rope_scaling": scaling,
         "max_position_embeddings": _require(meta, f"{arch}.context_length", file),
-        "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": any(f"blk.0.{part}.bias" in tensors for part in QKV),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "attention_bias": any(f"blk.0.{part}.bias" in shapes for part in QKV),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
@@ -266,8 +267,18 @@ def read_gguf(path) -> GGUFModel:
     family = family_of(meta, file)
     raw = {t.name: dequantized(t, file)
            for t in tqdm(reader.tensors, desc=f"dequantize {file.name}", unit="tensor", leave=False, disable=None)}
-    config = hf_config(meta, family, raw, file)
+    config = hf_config(meta, family, {k: w.shape for k, w in raw.items()}, raw.get(ROPE_FREQS), file)
     return GGUFModel(config=config, tensors=hf_tensors(raw, config, family, file))
+
+
+def read_gguf_config(path) -> dict:
+    """The transformers config.json of a GGUF file alone, without dequantizing its weights."""
+    file = _gguf_file(path)
+    reader = _open(file)
+    meta = scalar_metadata(reader)
+    shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
+    rope_freqs = next((dequantized(t, file) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    return hf_config(meta, family_of(meta, file), shapes, rope_freqs, file)
 
 
 # ---------------------------------------------------------------- tokenizer and directory

@@ -25,10 +25,14 @@ def kv_shape(cfg) -> tuple[int, int]:
 
 
 def init_cache(cfg, batch: int, length: int) -> dict:
-    """Zeros for every layer: {'layer_i': {'k': (B, S, K, H), 'v': (B, S, K, H)}} in the compute dtype."""
+    """Zeros for every layer: {'layer_i': {'k': (B, S, K, H), 'v': (B, S, K, H)}} in the compute dtype.
+    Every leaf is its own buffer, so the whole cache can be donated to a step."""
     K, H = kv_shape(cfg)
-    zeros = jnp.zeros((batch, length, K, H), jnp.dtype(cfg.dtype))
-    return {f"layer_{i}": {"k": zeros, "v": zeros} for i in range(cfg.num_layers)}
+
+    def zeros():
+        return jnp.zeros((batch, length, K, H), jnp.dtype(cfg.dtype))
+
+    return {f"layer_{i}": {"k": zeros(), "v": zeros()} for i in range(cfg.num_layers)}
 
 
 def cache_logical_axes(cfg) -> dict:
