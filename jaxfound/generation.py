@@ -143,37 +143,35 @@ def cache_shardings(cfg, batch: int, S: int, mesh: Mesh):
     return logical_shardings({f"layer_{i}": {"k": leaf, "v": leaf} for i in range(cfg.num_layers)}, mesh)
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _spec(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def compiled_steps(model, params, mesh: Mesh, B: int, prompt_bucket: int, S: int, greedy: bool):
-    """(prefill, decode, seconds spent compiling now): compiled once per model, mesh, shapes and mode."""
+    """(prefill, decode, the params' shardings, seconds spent compiling now): compiled once per model, mesh, params
+    shapes, batch, prompt bucket, cache length and mode, then taken from _COMPILED."""
     signature = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
     key = (model, mesh, B, prompt_bucket, S, greedy, jax.tree.structure(params), signature)
     if key in _COMPILED:
         return (*_COMPILED[key], 0.0)
     start = time.perf_counter()
-    p_shardings = param_shardings(model, params, mesh)
     rep = NamedSharding(mesh, P())
-    c_shardings = cache_shardings(model.cfg, B, S, mesh)
-    state_shardings = {"token": rep, "index": rep, "step": rep}
+    p_shardings, c_shardings = param_shardings(model, params, mesh), cache_shardings(model.cfg, B, S, mesh)
+    params_spec = jax.tree.map(lambda x, s: _spec(x.shape, x.dtype, s), params, p_shardings)
+    cache_spec = jax.tree.map(lambda s: _spec((B, S, *kv_shape(model.cfg)), jnp.dtype(model.cfg.dtype), s),
+                              c_shardings)
+    state_spec = {"token": _spec((B,), jnp.int32, rep), "index": _spec((B,), jnp.int32, rep),
+                  "step": _spec((), jnp.int32, rep)}
+    key_spec = _spec((), jax.random.key(0).dtype, rep)
+    sampling_spec = {"temperature": _spec((), jnp.float32, rep), "top_k": _spec((), jnp.int32, rep),
+                     "top_p": _spec((), jnp.float32, rep)}
+    out_shardings = (jax.tree.map(lambda x: x.sharding, state_spec), c_shardings)
     prefill_fn, decode_fn = make_steps(model, S, greedy, mesh)
-    abstract_params_ = _abstract(params, p_shardings)
-    key_spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    sampling_spec = {"temperature": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-                     "top_k": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-                     "top_p": jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)}
-    prefill = jax.jit(prefill_fn, out_shardings=(state_shardings, c_shardings)).lower(
-        abstract_params_, jax.ShapeDtypeStruct((B, prompt_bucket), jnp.int32, sharding=rep),
-        jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rep), key_spec, sampling_spec).compile()
-    state_spec = {"token": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rep),
-                  "index": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rep),
-                  "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-    cache_spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct((B, S, *kv_shape(model.cfg)), jnp.dtype(model.cfg.dtype),
-                                                             sharding=s), c_shardings)
-    decode = jax.jit(decode_fn, donate_argnums=(1,), out_shardings=(state_shardings, c_shardings)).lower(
-        abstract_params_, cache_spec, state_spec, key_spec, sampling_spec).compile()
+    prefill = jax.jit(prefill_fn, out_shardings=out_shardings).lower(
+        params_spec, _spec((B, prompt_bucket), jnp.int32, rep), _spec((B,), jnp.int32, rep), key_spec,
+        sampling_spec).compile()
+    decode = jax.jit(decode_fn, donate_argnums=(1,), out_shardings=out_shardings).lower(
+        params_spec, cache_spec, state_spec, key_spec, sampling_spec).compile()
     while len(_COMPILED) >= MAX_COMPILED:
         _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[key] = (prefill, decode, p_shardings)
@@ -188,15 +186,19 @@ def single_device_mesh() -> Mesh:
     return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-def cache_length(cfg, prompt_bucket: int, longest: int, max_new_tokens: int) -> int:
-    """Slots for the padded prompts and every decode write, as a bucket, within the model's positions."""
-    return min(bucket(max(prompt_bucket, longest + max_new_tokens)), cfg.max_position)
+def shapes(cfg, longest: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket, cache length): the padded prompt, and slots for it and every decode write, as buckets within
+    the model's positions."""
+    prompt_bucket = min(bucket(longest), cfg.max_position)
+    return prompt_bucket, min(bucket(max(prompt_bucket, longest + max_new_tokens)), cfg.max_position)
 
 
-def check_request(cfg, prompts_ids, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def check_request(model, prompts_ids, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     """A JaxfoundError naming the first argument or prompt that generation cannot serve."""
-    if not hasattr(cfg, "arch") or cfg.arch == "bert":
-        raise JaxfoundError("generation needs a decoder with an LM head (arch 'gpt' or 'llama'), got an encoder")
+    cfg = model.cfg
+    if cfg.arch not in ("gpt", "llama") or model.head != "lm":
+        raise JaxfoundError(f"generation needs a decoder with an LM head (arch 'gpt' or 'llama', head 'lm'); got arch "
+                            f"{cfg.arch!r} with head {model.head!r}")
     if not prompts_ids:
         raise JaxfoundError("no prompts: give at least one list of token ids")
     if max_new_tokens < 1:
@@ -279,10 +281,8 @@ def _place(tree, shardings):
 def warmup(model, params, batch: int, prompt_len: int, max_new_tokens: int, *, greedy: bool = True,
            mesh: Mesh | None = None) -> float:
     """Compile the steps generate will use for this batch size and prompt length; the seconds it took (0 if done)."""
-    mesh = mesh or single_device_mesh()
-    prompt_bucket = min(bucket(prompt_len), model.cfg.max_position)
-    S = cache_length(model.cfg, prompt_bucket, prompt_len, max_new_tokens)
-    return compiled_steps(model, params, mesh, batch, prompt_bucket, S, greedy)[3]
+    prompt_bucket, S = shapes(model.cfg, prompt_len, max_new_tokens)
+    return compiled_steps(model, params, mesh or single_device_mesh(), batch, prompt_bucket, S, greedy)[3]
 
 
 def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -297,14 +297,13 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
     pieces of a row add up to its text. mesh: params and cache are sharded by their logical names.
     """
     cfg = model.cfg
-    check_request(cfg, prompts_ids, max_new_tokens, temperature, top_k, top_p)
+    check_request(model, prompts_ids, max_new_tokens, temperature, top_k, top_p)
     if stop_strings and (tokenizer is None or not all(stop_strings)):
         raise JaxfoundError(f"stop_strings {list(stop_strings)}: each must be non-empty, and they need a tokenizer "
                             "(they are looked for in the decoded text)")
     mesh = mesh or single_device_mesh()
     B, longest = len(prompts_ids), max(len(ids) for ids in prompts_ids)
-    prompt_bucket = min(bucket(longest), cfg.max_position)
-    S = cache_length(cfg, prompt_bucket, longest, max_new_tokens)
+    prompt_bucket, S = shapes(cfg, longest, max_new_tokens)
     greedy = temperature == 0.0
     prefill, decode, p_shardings, compile_seconds = compiled_steps(model, params, mesh, B, prompt_bucket, S, greedy)
 
@@ -368,5 +367,6 @@ def generate_text(model, params, tokenizer, prompts: list[str], chat: bool = Fal
                     tokenizer=tokenizer, **options)
 
 
-__all__ = ["GenerationResult", "bucket", "cache_length", "compiled_steps", "encode_prompts", "filter_top_k_top_p",
-           "generate", "generate_text", "held_back", "make_steps", "sample", "warmup"]
+__all__ = ["GenerationResult", "bucket", "cache_shardings", "check_request", "compiled_steps",
+           "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back", "make_steps",
+           "param_shardings", "sample", "shapes", "single_device_mesh", "warmup"]

@@ -27,6 +27,7 @@ from jaxfound.config import Config, TrainConfig, from_dict, to_dict
 from jaxfound.data.finetune import special_ids
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
+from jaxfound.interop.gguf import gguf_tokenizer
 from jaxfound.interop.hf import from_pretrained, load_hf_config
 from jaxfound.models import build_model
 from jaxfound.quant.checkpoint import META_FILE as QUANT_META
@@ -97,8 +98,6 @@ def _open_transformers(p: Path, head: str | None) -> Run:
     model, params = from_pretrained(p, head)
     labels = [info.id2label[i] for i in range(len(info.id2label))] if info.id2label else None
     if p.suffix.lower() == ".gguf":
-        from jaxfound.interop.gguf import gguf_tokenizer
-
         tokenizer, kind = gguf_tokenizer(p), "gguf"
     else:
         has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)

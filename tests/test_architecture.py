@@ -27,10 +27,11 @@ LAYERS = [
     ("jaxfound.cli",),
 ]
 # imports inside functions, each for a reason: grain (5 s to import here), datasets (3.5 s) and transformers (2.4 s)
-# are paid only by the paths that use them; torch is optional (reading .bin checkpoints)
+# are paid only by the paths that use them (a GGUF's tokenizer is built by transformers); torch is optional (reading
+# .bin checkpoints)
 LAZY = {("jaxfound.checkpoint", "grain"), ("jaxfound.data.finetune", "grain"), ("jaxfound.data.pipeline", "grain"),
         ("jaxfound.data.corpus", "datasets"), ("jaxfound.data.tokenizer", "transformers"),
-        ("jaxfound.interop.hf", "torch")}
+        ("jaxfound.interop.hf", "torch"), ("jaxfound.interop.gguf", "transformers")}
 
 
 def _module(path: Path) -> str:

@@ -131,7 +131,9 @@ def test_sampling_is_a_function_of_the_key_and_top_k_1_is_greedy(llama):
     def run(seed, **options):
         return generation.generate(model, params, LLAMA_PROMPTS, max_new_tokens=MAX_NEW, key=jax.random.key(seed),
                                    **{"temperature": 1.0, **options})
+    assert generation.warmup(model, params, len(LLAMA_PROMPTS), 14, MAX_NEW, greedy=False) > 0
     first = run(1)
+    assert first.compile_seconds == 0.0  # warmup compiled these shapes
     assert run(1).tokens == first.tokens
     assert run(2).tokens != first.tokens
     top1 = run(3, top_k=1, temperature=0.7)
@@ -251,6 +253,15 @@ def test_held_back_keeps_incomplete_characters_and_stop_string_starts():
     assert generation.held_back("ab\ufffd\ufffd", ["\ufffd\ufffdx"]) == 2
 
 
+def test_buckets_hold_the_prompt_and_every_decode_write_within_the_positions():
+    cfg = ModelConfig(arch="gpt", max_position=64)
+    assert generation.shapes(cfg, 5, 12) == (16, 32)  # 5 + 12 slots -> 32
+    assert generation.shapes(cfg, 17, 8) == (32, 32)
+    assert generation.shapes(cfg, 40, 24) == (64, 64)  # capped at the 64 learned positions
+    assert generation.shapes(ModelConfig(arch="llama", max_position=100), 70, 20) == (100, 100)
+    assert [generation.bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+
+
 def test_requests_the_model_cannot_serve_are_refused_by_name(gpt2):
     _, model, params, _ = gpt2
     with pytest.raises(JaxfoundError, match="exceeds the model's 64 positions"):
@@ -261,6 +272,8 @@ def test_requests_the_model_cannot_serve_are_refused_by_name(gpt2):
         generation.generate(model, params, [[model.cfg.vocab_size]], max_new_tokens=4)
     with pytest.raises(JaxfoundError, match="top_p"):
         generation.generate(model, params, [[1]], max_new_tokens=4, temperature=1.0, top_p=0.0)
+    with pytest.raises(JaxfoundError, match="head 'lm'"):
+        generation.generate(build_model(model.cfg, "none"), params, [[1]], max_new_tokens=4)
 
 
 # ---------------------------------------------------------------- the CLI
