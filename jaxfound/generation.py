@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxfound.config import MeshConfig
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import abstract_params
-from jaxfound.models.cache import CACHE_AXES, init_cache, kv_shape
+from jaxfound.models.cache import CACHE_AXES, cache_shape, init_cache
 from jaxfound.sharding import LOGICAL_RULES, activation_sharding, logical_shardings, make_mesh
 
 MIN_PROMPT_BUCKET = 16
@@ -138,8 +138,8 @@ def param_shardings(model, params, mesh: Mesh):
 
 def cache_shardings(cfg, batch: int, S: int, mesh: Mesh):
     """The KV cache's shardings from its logical names (models.cache.CACHE_AXES)."""
-    K, H = kv_shape(cfg)
-    leaf = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((batch, S, K, H), jnp.dtype(cfg.dtype)), names=CACHE_AXES)
+    leaf = nn.LogicallyPartitioned(jax.ShapeDtypeStruct(cache_shape(cfg, batch, S), jnp.dtype(cfg.dtype)),
+                                   names=CACHE_AXES)
     return logical_shardings({f"layer_{i}": {"k": leaf, "v": leaf} for i in range(cfg.num_layers)}, mesh)
 
 
@@ -158,7 +158,7 @@ def compiled_steps(model, params, mesh: Mesh, B: int, prompt_bucket: int, S: int
     rep = NamedSharding(mesh, P())
     p_shardings, c_shardings = param_shardings(model, params, mesh), cache_shardings(model.cfg, B, S, mesh)
     params_spec = jax.tree.map(lambda x, s: _spec(x.shape, x.dtype, s), params, p_shardings)
-    cache_spec = jax.tree.map(lambda s: _spec((B, S, *kv_shape(model.cfg)), jnp.dtype(model.cfg.dtype), s),
+    cache_spec = jax.tree.map(lambda s: _spec(cache_shape(model.cfg, B, S), jnp.dtype(model.cfg.dtype), s),
                               c_shardings)
     state_spec = {"token": _spec((B,), jnp.int32, rep), "index": _spec((B,), jnp.int32, rep),
                   "step": _spec((), jnp.int32, rep)}

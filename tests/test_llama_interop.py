@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from jaxfound.config import ModelConfig
 from jaxfound.errors import JaxfoundError
 from jaxfound.interop.hf import from_pretrained, hf_config_from_dict, load_hf_config, read_weights, save_pretrained
-from jaxfound.models import build_model
+from jaxfound.models import abstract_params, build_model
 from jaxfound.models.llama import head_dims
 
 torch = pytest.importorskip("torch")
@@ -216,6 +216,7 @@ CONFIGS = {
                                               "high_freq_factor": 8.0, "original_max_position_embeddings": 32}),
     "llama_rope_parameters": dict(model_type="llama", rope_parameters=LLAMA3_ROPE, head_dim=12),
     "llama_defaults": dict(model_type="llama", num_key_value_heads=None),
+    "llama_ignores_sliding_window": dict(model_type="llama", sliding_window=5),
 }
 
 
@@ -228,8 +229,10 @@ def test_config_json_reads_as_transformers_reads_it(name):
     cfg = hf_config_from_dict(raw, "config.json").model
     head_dim = getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads  # as Qwen2's attention
     assert head_dims(cfg) == (ref.num_attention_heads, ref.num_key_value_heads, head_dim)
-    sliding = [t == "sliding_attention" for t in getattr(ref, "layer_types", None) or [True] * cfg.num_layers]
-    assert cfg.sliding_window == ((ref.sliding_window or 0) if all(sliding) else 0)
+    layer_types = getattr(ref, "layer_types", None)  # Qwen: a window on these layers; Mistral: on all; Llama: none
+    every_layer = all(t == "sliding_attention" for t in layer_types or ["sliding_attention"])
+    window = (ref.sliding_window or 0) if every_layer and raw["model_type"] != "llama" else 0
+    assert cfg.sliding_window == window
     rope = ref.rope_parameters
     assert (cfg.rope_scaling if cfg.rope_scaling != "none" else "default", cfg.rope_theta) == (
         rope["rope_type"], rope["rope_theta"])
@@ -319,9 +322,13 @@ ROUND_TRIPS = {
 
 
 def _random_params(model, seed=0):
-    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
-    rng = np.random.default_rng(seed)  # perturb so zero biases and unit norm scales are tested too
-    return jax.tree_util.tree_map(lambda x: np.asarray(x) + rng.normal(0, 0.05, x.shape).astype(np.float32), params)
+    """Random params of the model's shapes: norm scales near 1, every kernel, bias and embedding near 0 (not 0)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        return (float(path[-1].key == "scale") + rng.normal(0, 0.05, leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params(model)))
 
 
 def _tokenizer(vocab_size):

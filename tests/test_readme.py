@@ -6,7 +6,8 @@ from pathlib import Path
 
 def test_readme_library_example_runs():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    section = text.split("## Use it as a library", 1)[-1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "README lost its 'use it as a library' example"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)

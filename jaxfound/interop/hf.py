@@ -62,6 +62,7 @@ HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new",
                   "relu": "relu"}
 TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}
 ROPE_TYPES = ("default", "linear", "llama3")
+MISTRAL_WINDOW = 4096  # MistralConfig's sliding_window when config.json has none (null means no window)
 MAX_POSITION = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}  # transformers' defaults
 # checkpoint entries that carry no information for jaxfound: buffers, tied copies, heads we do not build
 HARMLESS = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$"
@@ -170,7 +171,7 @@ def _rope(hf: dict, source: str) -> dict:
 
 def _sliding_window(hf: dict, source: str, model_type: str, num_layers: int) -> int:
     """Mistral slides on every layer; Qwen2 / Qwen3 only with use_sliding_window, on the layers layer_types says."""
-    window = int(hf.get("sliding_window") or 0)
+    window = int(hf.get("sliding_window", MISTRAL_WINDOW if model_type == "mistral" else None) or 0)
     if model_type == "mistral" or not window:
         return window
     if model_type == "llama" or not hf.get("use_sliding_window"):

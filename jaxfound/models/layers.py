@@ -229,8 +229,8 @@ class SelfAttention(nn.Module):
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
         if cache is not None:
             cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
-            mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[1])
-            out_BxQxNxH = attention(q_BxQxNxH, cache["k"], cache["v"], mask)
+            mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[2])
+            out_BxQxNxH = kv_cache.attend(q_BxQxNxH, cache, mask)
         else:
             out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
         out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))

@@ -47,8 +47,8 @@ class LlamaAttention(nn.Module):
         v_BxLxKxH = project("value", K)
         if cache is not None:
             cache = kv_cache.write(cache, k_BxLxKxH, v_BxLxKxH, index_B)
-            mask = kv_cache.visible(positions_BxL, cache["k"].shape[1], cfg.sliding_window)
-            out_BxLxNxH = layers.attention(q_BxLxNxH, cache["k"], cache["v"], mask)
+            mask = kv_cache.visible(positions_BxL, cache["k"].shape[2], cfg.sliding_window)
+            out_BxLxNxH = kv_cache.attend(q_BxLxNxH, cache, mask)
         else:
             out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
         out_BxLxD = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "out", use_bias=False)(
