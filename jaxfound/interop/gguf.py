@@ -12,9 +12,13 @@ converter reorders the rows of Q and K of llama / mistral models for its rotary 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +29,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from jaxfound.errors import JaxfoundError
+from jaxfound.quant.kernel import cache_dir
 
 
 class Family(NamedTuple):
@@ -81,6 +86,14 @@ def _gguf_file(path) -> Path:
 
 
 def _open(file: Path) -> gguf.GGUFReader:
+    """The parsed file (memory-mapped); the last two opened are kept, since the config, the weights and a check
+    often read the same file one after the other (parsing a 49k-token vocabulary takes seconds)."""
+    stat = file.stat()
+    return _open_cached(file.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(file: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(file)
     except READER_ERRORS as e:
@@ -285,14 +298,34 @@ def read_gguf_config(path) -> dict:
 
 
 def gguf_tokenizer(path):
-    """transformers' fast tokenizer built from the GGUF vocabulary, merges, special tokens and chat template."""
+    """transformers' fast tokenizer built from the GGUF vocabulary, merges, special tokens and chat template.
+
+    Building it takes transformers ~10 s for a 49k vocabulary, so the result is saved once as a tokenizer directory
+    under $JAXFOUND_CACHE (default ~/.cache/jaxfound)/gguf_tokenizers, keyed by the file's path, size and mtime,
+    and loaded from there next time."""
     from transformers import AutoTokenizer
 
     file = _gguf_file(path)
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf_tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        except Exception:  # a damaged cache entry: build again
+            pass
     try:
-        return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except READER_ERRORS as e:
         raise JaxfoundError(f"{file}: transformers cannot build a tokenizer from it ({e})") from e
+    try:
+        tmp = cached.with_name(f".{key}.tmp{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except OSError:  # an unwritable cache only costs time
+        pass
+    return tokenizer
 
 
 def save_transformers_dir(model: GGUFModel, tokenizer, out_dir) -> Path:

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 from jaxfound.config import ModelConfig
 from jaxfound.errors import JaxfoundError
-from jaxfound.interop.gguf import read_gguf
+from jaxfound.interop.gguf import read_gguf, read_gguf_config
 from jaxfound.models import abstract_params, build_model
 from jaxfound.models.llama import head_dims
 
@@ -255,7 +255,7 @@ def load_hf_config(path, head: str | None = None) -> HFConfig:
     """Read ``path/config.json`` (or a .gguf file's metadata) into a ModelConfig, the head and label names."""
     path = Path(path)
     if _is_gguf(path):
-        return hf_config_from_dict(read_gguf(path).config, str(path), head)
+        return hf_config_from_dict(read_gguf_config(path), str(path), head)
     file = path / "config.json"
     return hf_config_from_dict(_read_json(file), str(file), head)
 
