@@ -3,7 +3,8 @@
 A step writes its Q new tokens of row b at slots index_B[b] .. index_B[b] + Q - 1 (their positions) and attends to
 every slot at or before its own position (within the sliding window, when the model has one). Slots after a row's
 position hold garbage from padding or nothing: the causal condition alone hides them, so rows of different lengths
-share one cache and a row may be reset by writing from slot 0 again (continuous batching). Heads before slots: the
+share one cache and a row may be reset by writing from slot 0 again (continuous batching). A step given no index
+(None) fills a fresh cache from slot 0 and attends among its own tokens only (prefill: no work over empty slots). Heads before slots: the
 two attention products are then batched matmuls over (B, K) with no transpose of the cache (2x faster decode
 attention on XLA:CPU than (B, S, K, H)).
 """
@@ -48,12 +49,23 @@ def cache_logical_axes(cfg) -> dict:
 
 
 def positions(index_B, Q: int):
-    """Positions of the Q new tokens of each row: index_B[b] + 0 .. Q - 1."""
+    """Positions of the Q new tokens of each row: index_B[b] + 0 .. Q - 1 (index_B None: a fresh cache, 0 .. Q - 1)."""
+    if index_B is None:
+        return jnp.arange(Q)[None]
     return index_B[:, None] + jnp.arange(Q, dtype=index_B.dtype)[None]
 
 
 def write(layer_cache: dict, k_BxQxKxH, v_BxQxKxH, index_B) -> dict:
-    """The layer's cache with each row's new keys and values written from slot index_B[b] on (in place when donated)."""
+    """The layer's cache with each row's new keys and values written from slot index_B[b] on (in place when donated).
+    index_B None: every row from slot 0 (a fresh cache: one plain slice update instead of a per-row scatter)."""
+    if index_B is None:
+        def put_all(cache_BxKxSxH, new_BxQxKxH):
+            return lax.dynamic_update_slice_in_dim(cache_BxKxSxH, new_BxQxKxH.swapaxes(1, 2).astype(cache_BxKxSxH.dtype),
+                                                   0, axis=2)
+
+        return {"k": constrain(put_all(layer_cache["k"], k_BxQxKxH), CACHE_AXES),
+                "v": constrain(put_all(layer_cache["v"], v_BxQxKxH), CACHE_AXES)}
+
     def put(cache_KxSxH, new_QxKxH, i):
         new_KxQxH = new_QxKxH.swapaxes(0, 1).astype(cache_KxSxH.dtype)
         return lax.dynamic_update_slice_in_dim(cache_KxSxH, new_KxQxH, i, axis=1)

@@ -69,7 +69,8 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
                  masked_positions=None, deterministic: bool = True, cache=None, cache_index=None):
-        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache).
+        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache). cache_index
+        None: the cache is fresh (prefill from slot 0; the rows' padding is on the right).
         masked_positions (B, P): LM logits only at those positions."""
         cfg = self.cfg
         decoder = GPTDecoder(cfg, name="gpt")

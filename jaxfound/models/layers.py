@@ -217,7 +217,7 @@ class SelfAttention(nn.Module):
     def __call__(self, h_BxLxD, mask, h_query_BxQxD=None, cache=None, index_B=None):
         """h_query_BxQxD: attend from these rows only (default: every row of h_BxLxD); mask is then (B, 1, Q, L).
         cache: this layer's KV cache (models.cache); the new tokens are written from slot index_B on, attention runs
-        over the cache and (output, new cache) is returned."""
+        over the cache and (output, new cache) is returned; index_B None: a fresh cache, written from slot 0."""
         cfg = self.cfg
         B, L, D = h_BxLxD.shape
         N = cfg.num_heads
@@ -229,9 +229,10 @@ class SelfAttention(nn.Module):
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
         if cache is not None:
             cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
+        if cache is not None and index_B is not None:
             mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[2])
             out_BxQxNxH = kv_cache.attend(q_BxQxNxH, cache, mask)
-        else:
+        else:  # no cache, or a fresh one's prefill (index_B None): the new tokens attend among themselves
             out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
         out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))
         return out_BxQxD if cache is None else (out_BxQxD, cache)

@@ -47,9 +47,10 @@ class LlamaAttention(nn.Module):
         v_BxLxKxH = project("value", K)
         if cache is not None:
             cache = kv_cache.write(cache, k_BxLxKxH, v_BxLxKxH, index_B)
+        if cache is not None and index_B is not None:
             mask = kv_cache.visible(positions_BxL, cache["k"].shape[2], cfg.sliding_window)
             out_BxLxNxH = kv_cache.attend(q_BxLxNxH, cache, mask)
-        else:
+        else:  # training, or a fresh cache's prefill: the new tokens attend among themselves
             out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
         out_BxLxD = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "out", use_bias=False)(
             out_BxLxNxH.reshape(B, L, N * H))
@@ -110,6 +111,8 @@ class LlamaDecoder(nn.Module):
         if cache is None:
             positions_BxL = jnp.arange(L)[None]
             mask = _training_mask(attention_mask_BxL, segment_ids_BxL, L, cfg.sliding_window)
+        elif index_B is None:  # a fresh cache: rows are right-padded, so causal order alone hides the padding
+            positions_BxL, mask = kv_cache.positions(None, L), _training_mask(None, None, L, cfg.sliding_window)
         else:
             positions_BxL, mask = kv_cache.positions(index_B, L), None
         block = nn.remat(LlamaBlock, static_argnums=(4,)) if cfg.remat else LlamaBlock
@@ -134,7 +137,8 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
                  masked_positions=None, deterministic: bool = True, cache=None, cache_index=None):
-        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache).
+        """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache). cache_index
+        None: the cache is fresh (prefill from slot 0; the rows' padding is on the right).
         masked_positions (B, P): LM logits only at those positions."""
         cfg = self.cfg
         decoder = LlamaDecoder(cfg, name="llama")
