@@ -229,9 +229,9 @@ _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.
              "model.rope_factor", "data.tokenizer_vocab",
              "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
              "train.eval_batches", "mesh.fsdp", "mesh.tensor", "checkpoint.keep")
-_NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "data.synthetic_docs", "train.steps", "train.schedule_steps",
-                 "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps", "train.clip_norm",
-                 "checkpoint.every")
+_NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "data.synthetic_docs", "train.steps",
+                 "train.schedule_steps", "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps",
+                 "train.clip_norm", "checkpoint.every")
 _UNIT = {"model.dropout": (0.0, 1.0, "[0, 1)"), "data.mask_prob": (0.0, 1.0, "(0, 1)"),
          "data.valid_fraction": (0.0, 1.0, "[0, 1)"), "train.warmup_ratio": (0.0, 1.0, "[0, 1]"),
          "train.b1": (0.0, 1.0, "[0, 1)"), "train.b2": (0.0, 1.0, "[0, 1)")}

@@ -4,9 +4,9 @@ A step writes its Q new tokens of row b at slots index_B[b] .. index_B[b] + Q - 
 every slot at or before its own position (within the sliding window, when the model has one). Slots after a row's
 position hold garbage from padding or nothing: the causal condition alone hides them, so rows of different lengths
 share one cache and a row may be reset by writing from slot 0 again (continuous batching). A step given no index
-(None) fills a fresh cache from slot 0 and attends among its own tokens only (prefill: no work over empty slots). Heads before slots: the
-two attention products are then batched matmuls over (B, K) with no transpose of the cache (2x faster decode
-attention on XLA:CPU than (B, S, K, H)).
+(None) fills a fresh cache from slot 0 and attends among its own tokens only (prefill: no work over empty slots).
+Heads before slots: the two attention products are then batched matmuls over (B, K) with no transpose of the cache
+(2x faster decode attention on XLA:CPU than (B, S, K, H)).
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def write(layer_cache: dict, k_BxQxKxH, v_BxQxKxH, index_B) -> dict:
     index_B None: every row from slot 0 (a fresh cache: one plain slice update instead of a per-row scatter)."""
     if index_B is None:
         def put_all(cache_BxKxSxH, new_BxQxKxH):
-            return lax.dynamic_update_slice_in_dim(cache_BxKxSxH, new_BxQxKxH.swapaxes(1, 2).astype(cache_BxKxSxH.dtype),
-                                                   0, axis=2)
+            new_BxKxQxH = new_BxQxKxH.swapaxes(1, 2).astype(cache_BxKxSxH.dtype)
+            return lax.dynamic_update_slice_in_dim(cache_BxKxSxH, new_BxKxQxH, 0, axis=2)
 
         return {"k": constrain(put_all(layer_cache["k"], k_BxQxKxH), CACHE_AXES),
                 "v": constrain(put_all(layer_cache["v"], v_BxQxKxH), CACHE_AXES)}
@@ -99,4 +99,5 @@ def visible(positions_BxQ, S: int, window: int = 0):
     return mask[:, None]
 
 
-__all__ = ["CACHE_AXES", "attend", "cache_logical_axes", "cache_shape", "init_cache", "kv_shape", "positions", "visible", "write"]
+__all__ = ["CACHE_AXES", "attend", "cache_logical_axes", "cache_shape", "init_cache", "kv_shape", "positions",
+           "visible", "write"]
