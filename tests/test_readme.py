@@ -24,3 +24,17 @@ def test_readme_generate_example_runs(smollm2_gguf):
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["result"].texts[0].strip() == "The capital of France is Paris."
+
+
+def test_readme_generate_command_answers(smollm2_gguf):
+    """The Generate section's SmolLM2 command lines, run by bash as written."""
+    import subprocess
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Generate", 1)[1].split("\n### ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    lines = [line for line in bash.splitlines() if "SMOL" in line]
+    assert len(lines) == 2, lines
+    out = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(lines)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "The capital of France is Paris.", out.stdout
