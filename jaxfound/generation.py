@@ -91,6 +91,17 @@ def sample(logits_BxV, key, step, sampling: dict, greedy: bool):
     top-p filtered distribution with key fold_in(fold_in(key, step), row)."""
     if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return _draw(logits_BxV, key, step, sampling)
+
+
+def sample_vocab_major(logits_VxB, key, step, sampling: dict, greedy: bool):
+    """sample for logits laid out (V, B), as the decoders give them with vocab_major (greedy reads them in place)."""
+    if greedy:
+        return jnp.argmax(logits_VxB, axis=0).astype(jnp.int32)
+    return _draw(logits_VxB.T, key, step, sampling)
+
+
+def _draw(logits_BxV, key, step, sampling: dict):
     logits_BxV = filter_top_k_top_p(logits_BxV / sampling["temperature"], sampling["top_k"], sampling["top_p"])
     step_key = jax.random.fold_in(key, step)
     keys_B = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(logits_BxV.shape[0]))
@@ -113,16 +124,16 @@ def make_steps(model, S: int, greedy: bool, mesh: Mesh):
         with activation_sharding(mesh, LOGICAL_RULES):
             cache = init_cache(model.cfg, ids_BxP.shape[0], S)
             last_Bx1 = (lengths_B - 1)[:, None]
-            logits_Bx1xV, cache = model.apply({"params": params}, ids_BxP, cache=cache, cache_index=None,
-                                              masked_positions=last_Bx1)  # None: a fresh cache, from slot 0
-        token_B = sample(logits_Bx1xV[:, 0], key, 0, sampling, greedy)
+            logits_VxB, cache = model.apply({"params": params}, ids_BxP, cache=cache, cache_index=None,
+                                            masked_positions=last_Bx1, vocab_major=True)  # None: a fresh cache
+        token_B = sample_vocab_major(logits_VxB, key, 0, sampling, greedy)
         return {"token": token_B, "index": lengths_B, "step": jnp.int32(1)}, cache
 
     def decode(params, cache, state, key, sampling):
         with activation_sharding(mesh, LOGICAL_RULES):
-            logits_Bx1xV, cache = model.apply({"params": params}, state["token"][:, None], cache=cache,
-                                              cache_index=state["index"])
-        token_B = sample(logits_Bx1xV[:, 0], key, state["step"], sampling, greedy)
+            logits_VxB, cache = model.apply({"params": params}, state["token"][:, None], cache=cache,
+                                            cache_index=state["index"], vocab_major=True)
+        token_B = sample_vocab_major(logits_VxB, key, state["step"], sampling, greedy)
         return {"token": token_B, "index": state["index"] + 1, "step": state["step"] + 1}, cache
 
     return prefill, decode
@@ -380,4 +391,4 @@ def generate_text(model, params, tokenizer, prompts: list[str], chat: bool = Fal
 
 __all__ = ["GenerationResult", "bucket", "cache_shardings", "check_request", "compiled_steps",
            "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back", "make_steps",
-           "param_shardings", "sample", "shapes", "single_device_mesh", "warmup"]
+           "param_shardings", "sample", "sample_vocab_major", "shapes", "single_device_mesh", "warmup"]

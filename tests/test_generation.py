@@ -300,3 +300,19 @@ def test_cli_refuses_an_encoder_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "generation needs a decoder LM" in err and str(tmp_path) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("gpt", True)])
+def test_vocab_major_logits_are_the_transposed_logits(arch, tie):
+    import flax.linen as nn
+
+    extra = dict(num_kv_heads=1, activation="silu", tie_embeddings=tie) if arch == "llama" else {}
+    cfg = ModelConfig(arch=arch, vocab_size=50, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
+                      max_position=16, dropout=0.0, **extra)
+    model = build_model(cfg, "lm")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 5)), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(1), ids)["params"])
+    positions = jnp.array([[4], [2], [0]])
+    logits_Bx1xV = model.apply({"params": params}, ids, masked_positions=positions)
+    logits_VxB = model.apply({"params": params}, ids, masked_positions=positions, vocab_major=True)
+    np.testing.assert_allclose(np.asarray(logits_VxB), np.asarray(logits_Bx1xV[:, 0]).T, rtol=1e-5, atol=1e-6)

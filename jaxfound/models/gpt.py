@@ -68,10 +68,12 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
-                 masked_positions=None, deterministic: bool = True, cache=None, cache_index=None):
+                 masked_positions=None, deterministic: bool = True, cache=None, cache_index=None,
+                 vocab_major: bool = False):
         """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache). cache_index
         None: the cache is fresh (prefill from slot 0; the rows' padding is on the right).
-        masked_positions (B, P): LM logits only at those positions."""
+        masked_positions (B, P): LM logits only at those positions. vocab_major: LM logits as (V, B * P) (see
+        layers.tied_logits)."""
         cfg = self.cfg
         decoder = GPTDecoder(cfg, name="gpt")
         if cache is not None:
@@ -85,8 +87,9 @@ class GPT(nn.Module):
         if self.head == "lm":
             if masked_positions is not None:
                 h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[:, :, None], axis=1)
-            logits = layers.tied_logits(h_BxLxD, decoder.variables["params"]["word"]["embedding"], cfg)
-            logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
+            logits = layers.tied_logits(h_BxLxD, decoder.variables["params"]["word"]["embedding"], cfg, vocab_major)
+            if not vocab_major:
+                logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
             return logits if cache is None else (logits, cache)
         if self.head == "token_cls":
             return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
