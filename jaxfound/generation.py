@@ -316,7 +316,8 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
     key: a jax PRNG key for sampling (default key(0)); the same key gives the same tokens. stop_token_ids end a row
     (the token is returned, not put in the text); stop_strings are looked for in the decoded text (needs tokenizer),
     which is cut before them. on_token(row, token_id, text_piece) is called for every returned token in order; the
-    pieces of a row add up to its text. mesh: params and cache are sharded by their logical names.
+    pieces of a row add up to its text. mesh: params and cache are sharded by their logical names. The params
+    placed by one call are reused by the next call given the same dict: treat params as immutable (JAX style).
     """
     cfg = model.cfg
     check_request(model, prompts_ids, max_new_tokens, temperature, top_k, top_p)
