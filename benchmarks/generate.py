@@ -12,8 +12,9 @@ tiny-shakespeare cut to exactly --prompt-tokens tokens, one per row.
 Per side and batch: time to first token (a generate call with one new token), prefill tokens/s (prompt tokens over
 that time), decode tokens/s (the tokens after each row's first over the rest of the call), and for jaxfound the
 compile time of its prefill + decode steps, apart (it is paid once per shape, before any request). The sides run in
-alternation, --rounds times, so they share the machine's noise; the best round of each is reported. Greedy tokens
-of the two sides are compared at batch 1 (the first position they differ, if any). Writes JSON, prints a table.
+alternation, --rounds times, so they share the machine's noise, each timed call after half a second idle (torch's
+OpenMP workers spin for a while after a call and would slow whatever runs next); the best round of each is reported.
+Greedy tokens of the two sides are compared (the first position they differ, if any). Writes JSON, prints a table.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TARGETS = {1: 2.0, 8: 1.5}  # decode tokens/s over transformers' at batch 1 / batch 8
+SETTLE_S = 0.5  # idle before each timed call: torch's OpenMP workers spin-wait after a call and would steal the cores
+
+
+def settle() -> None:
+    time.sleep(SETTLE_S)
 
 
 def smollm2_gguf() -> Path:
@@ -52,9 +58,11 @@ def time_transformers(model, prompt_ids, new_tokens: int):
     ids = torch.tensor(prompt_ids)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
+        settle()
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
         ttft = time.perf_counter() - start
+        settle()
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         total = time.perf_counter() - start
@@ -67,7 +75,9 @@ def time_transformers(model, prompt_ids, new_tokens: int):
 def time_jaxfound(model, params, prompt_ids, new_tokens: int):
     from jaxfound.generation import generate
 
+    settle()
     first = generate(model, params, prompt_ids, max_new_tokens=1)
+    settle()
     result = generate(model, params, prompt_ids, max_new_tokens=new_tokens)
     B = len(prompt_ids)
     return {"time_to_first_token_s": first.time_to_first_token,
