@@ -82,23 +82,6 @@ class GPT(nn.Module):
             h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
         else:
             h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
-        if self.head == "none":
-            return h_BxLxD
-        if self.head == "lm":
-            if masked_positions is not None:
-                h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions[:, :, None], axis=1)
-            logits = layers.tied_logits(h_BxLxD, decoder.variables["params"]["word"]["embedding"], cfg, vocab_major)
-            if not vocab_major:
-                logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
-            return logits if cache is None else (logits, cache)
-        if self.head == "token_cls":
-            return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
-        if self.head == "seq_cls":
-            # the last real token summarises the sequence in a causal model
-            if attention_mask is None:
-                last_B = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-            else:
-                last_B = jnp.sum(attention_mask, axis=1) - 1
-            h_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
-            return layers.dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxD).astype(jnp.float32)
-        raise ValueError(f"unknown GPT head {self.head!r}")
+        out = layers.decoder_head(cfg, self.head, h_BxLxD, decoder.variables["params"]["word"]["embedding"],
+                                  True, input_ids, attention_mask, masked_positions, vocab_major)
+        return out if cache is None else (out, cache)

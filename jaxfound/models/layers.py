@@ -125,6 +125,35 @@ def tied_logits(x, embedding, cfg, vocab_major: bool = False):
     return jnp.dot(x.astype(dtype), table_VxD.T, preferred_element_type=jnp.float32)
 
 
+def decoder_head(cfg, head: str, h_BxLxD, embedding, tied: bool, ids_BxL, attention_mask_BxL=None,
+                 masked_positions_BxP=None, vocab_major: bool = False):
+    """The heads of a causal decoder (GPT-2, the Llama family), called inside the model's compact __call__:
+    'none' (hidden states), 'lm' (logits against the tied embedding or an 'lm_head' Dense; at masked_positions only;
+    vocab_major: (V, B * P), see tied_logits), 'token_cls', 'seq_cls' (the last real token summarises the sequence)."""
+    if head == "none":
+        return h_BxLxD
+    if head == "lm":
+        if masked_positions_BxP is not None:
+            h_BxLxD = jnp.take_along_axis(h_BxLxD, masked_positions_BxP[:, :, None], axis=1)
+        if tied:
+            logits = tied_logits(h_BxLxD, embedding, cfg, vocab_major)
+        else:
+            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head", use_bias=False)(h_BxLxD)
+            logits = logits.astype(jnp.float32)
+            logits = logits.reshape(-1, cfg.vocab_size).T if vocab_major else logits
+        return logits if vocab_major else constrain(logits, ("act_batch", "act_len", "act_vocab"))
+    if head == "token_cls":
+        return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
+    if head == "seq_cls":
+        if attention_mask_BxL is None:
+            last_B = jnp.full((ids_BxL.shape[0],), ids_BxL.shape[1] - 1)
+        else:
+            last_B = jnp.sum(attention_mask_BxL, axis=1) - 1
+        h_BxD = jnp.take_along_axis(h_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxD).astype(jnp.float32)
+    raise ValueError(f"unknown decoder head {head!r}")
+
+
 def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
     """Boolean (B, 1, L, L) mask, or None: padding keys are masked; packed documents don't see each other."""
     if segment_ids_BxL is not None:
