@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 
 from jaxfound import runs
-from jaxfound.app import bench, evaluate, finetune, generate, merge, pretrain, quantize
+from jaxfound.app import bench, evaluate, finetune, generate, merge, pretrain, quantize, serve
 from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
@@ -134,6 +134,26 @@ def _generate(args):
         for i, (prompt, text) in enumerate(zip(args.prompts, result.texts)):
             print(f"--- [{i}] {prompt}\n{text}")
     print(generate.summary(result), file=sys.stderr)
+
+
+@verb("serve", "an OpenAI-compatible HTTP API for a decoder (completions, chat; continuous batching) or a "
+      "fine-tuned encoder (/v1/ner, /v1/classify)",
+      arg("--run", required=True, help="run dir, transformers dir or .gguf file (decoder, tagger or classifier)"),
+      arg("--host", default="127.0.0.1", help="address to bind (default: loopback only)"),
+      arg("--port", type=int, default=8000, help="TCP port (0: a free one, printed at start)"),
+      arg("--max-batch", type=int, default=8, help="decoder: KV-cache slots (requests decoded together); "
+          "encoder: texts per batch"),
+      arg("--max-len", type=int, default=None, help="decoder: tokens per request, prompt + completion "
+          "(default: min(2048, the model's positions))"),
+      arg("--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond it: 503"),
+      arg("--api-key-file", default=None, help="file holding the key clients must send as 'Authorization: Bearer'"),
+      arg("--model-name", default=None, help="the model id clients use (default: the run dir's name)"),
+      arg("--seed", type=int, default=0, help="sampling key of requests that give no seed"))
+def _serve(args):
+    key = serve.read_api_key(args.api_key_file) if args.api_key_file else None
+    options = serve.ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
+                                 max_queue=args.max_queue, api_key=key, model_name=args.model_name, seed=args.seed)
+    return serve.serve(args.run, options, progress=lambda line: print(line, flush=True))
 
 
 @verb("quantize", "int8 copy of a fine-tuned or merged run dir (w8 | w8a8): sizes, metric and tokens/s before/after",

@@ -230,12 +230,12 @@ def check_request(model, prompts_ids, max_new_tokens: int, temperature: float, t
 
 
 @dataclass
-class _Row:
-    """One row's tokens, text and stream position on the host."""
+class TextRow:
+    """One sequence's new tokens, text and stream position on the host (generate's rows, the engine's requests)."""
 
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    streamed: str = ""  # the text passed to the callback so far
+    streamed: str = ""  # the text handed out so far
     finish_reason: str | None = None
 
 
@@ -254,30 +254,38 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _consume(rows: list[_Row], tokens_B: np.ndarray, max_new_tokens: int, stop_ids: frozenset, stop_strings,
+def advance(row: TextRow, token: int, max_new_tokens: int, stop_ids: frozenset, stop_strings, tokenizer,
+            follow_text: bool = True) -> str:
+    """Append token to an unfinished row, decide whether it ends the row ('stop' or 'length'), and return the new
+    text that may be streamed (stop token and stop strings cut off; held back while it may be a stop's start).
+    follow_text False (no tokenizer, or nothing streams and no stop strings): tokens only, text stays empty."""
+    row.tokens.append(token)
+    if token in stop_ids:
+        row.finish_reason = "stop"
+    elif len(row.tokens) >= max_new_tokens:
+        row.finish_reason = "length"
+    if tokenizer is None or not follow_text:
+        return ""
+    text = _decode(tokenizer, row.tokens[:-1] if token in stop_ids else row.tokens)
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    if cuts:
+        text, row.finish_reason = text[:min(cuts)], "stop"
+    row.text = text
+    end = len(text) if row.finish_reason else len(text) - held_back(text, stop_strings)
+    piece = text[len(row.streamed):end] if text.startswith(row.streamed) else ""  # else wait until it does
+    row.streamed += piece
+    return piece
+
+
+def _consume(rows: list[TextRow], tokens_B: np.ndarray, max_new_tokens: int, stop_ids: frozenset, stop_strings,
              tokenizer, on_token) -> None:
-    """Append each unfinished row's new token, decide whether it ends the row, stream the new text."""
+    """advance every unfinished row by its new token; stream the pieces."""
     for b, row in enumerate(rows):
         if row.finish_reason:
             continue
         token = int(tokens_B[b])
-        row.tokens.append(token)
-        if token in stop_ids:
-            row.finish_reason = "stop"
-        elif len(row.tokens) >= max_new_tokens:
-            row.finish_reason = "length"
-        if tokenizer is None or not (on_token or stop_strings):
-            if on_token:
-                on_token(b, token, "")
-            continue
-        text = _decode(tokenizer, row.tokens[:-1] if token in stop_ids else row.tokens)
-        cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-        if cuts:
-            text, row.finish_reason = text[:min(cuts)], "stop"
-        row.text = text
-        end = len(text) if row.finish_reason else len(text) - held_back(text, stop_strings)
-        piece = text[len(row.streamed):end] if text.startswith(row.streamed) else ""  # else wait until it does
-        row.streamed += piece
+        piece = advance(row, token, max_new_tokens, stop_ids, stop_strings, tokenizer,
+                        follow_text=bool(on_token or stop_strings))
         if on_token:
             on_token(b, token, piece)
 
@@ -345,7 +353,7 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
     state, cache = prefill(params, jax.device_put(ids_BxP, rep),
                            jax.device_put(np.array([len(p) for p in prompts_ids], np.int32), rep), key, sampling)
 
-    rows, stop_ids = [_Row() for _ in range(B)], frozenset(int(t) for t in stop_token_ids)
+    rows, stop_ids = [TextRow() for _ in range(B)], frozenset(int(t) for t in stop_token_ids)
     first_token_at = None
     for step in range(1, max_new_tokens + 1):
         pending = state["token"]
@@ -390,6 +398,6 @@ def generate_text(model, params, tokenizer, prompts: list[str], chat: bool = Fal
                     tokenizer=tokenizer, **options)
 
 
-__all__ = ["GenerationResult", "bucket", "cache_shardings", "check_request", "compiled_steps",
+__all__ = ["GenerationResult", "TextRow", "advance", "bucket", "cache_shardings", "check_request", "compiled_steps",
            "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back", "make_steps",
            "param_shardings", "sample", "sample_vocab_major", "shapes", "single_device_mesh", "warmup"]

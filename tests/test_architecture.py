@@ -23,6 +23,7 @@ LAYERS = [
     ("jaxfound.train.build", "jaxfound.train.hooks", "jaxfound.train.loop"),
     ("jaxfound.fusion",),
     ("jaxfound.inference", "jaxfound.generation"),
+    ("jaxfound.engine", "jaxfound.batcher"),
     ("jaxfound.app",),
     ("jaxfound.cli",),
 ]
