@@ -20,6 +20,7 @@ import hmac
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -426,6 +427,37 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Background:
+    """A compiled Server run by uvicorn on a thread (notebooks, tests): `with Background(server) as url: ...`."""
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0):
+        self.server, self.sock = server, bind(host, port)
+        self.url = "http://{}:{}".format(*self.sock.getsockname()[:2])
+        self.runner = uvicorn.Server(uvicorn.Config(server.app(), log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=server.options.shutdown_timeout))
+        self.thread = threading.Thread(target=self.runner.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.start_timeout = start_timeout
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.runner.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise JaxfoundError(f"the server on {self.url} did not start within {self.start_timeout} s")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop accepting, let in-flight requests finish, stop the engine."""
+        self.runner.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def serve(path, options: ServeOptions, progress: Callable[[str], None] = print) -> int:
     """Open the model, compile every shape, listen, serve until SIGTERM / SIGINT; 0 after a clean drain."""
     if options.max_batch < 1 or options.max_queue < 0:
@@ -455,4 +487,4 @@ def serve(path, options: ServeOptions, progress: Callable[[str], None] = print) 
     return 0
 
 
-__all__ = ["Metrics", "ServeOptions", "Server", "open_servable", "read_api_key", "serve"]
+__all__ = ["Background", "Metrics", "ServeOptions", "Server", "open_servable", "read_api_key", "serve"]
