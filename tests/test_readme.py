@@ -38,3 +38,23 @@ def test_readme_generate_command_answers(smollm2_gguf):
     out = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(lines)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "The capital of France is Paris.", out.stdout
+
+
+def test_readme_serve_commands_answer(smollm2_gguf):
+    """The Serve section's bash block, run as written on a free port instead of 8000: curl and the openai client
+    get SmolLM2's answer, and the server exits 0 on SIGTERM."""
+    import socket
+    import subprocess
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Serve", 1)[1].split("\n### ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = "set -e\n" + bash.replace("8000", str(port))
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert '"content":"The capital of France is Paris."' in out.stdout, out.stdout[-2000:]
+    assert "\nThe capital of France is Paris.\n" in out.stdout
+    assert "in-flight requests finished" in out.stdout
