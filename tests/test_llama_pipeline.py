@@ -1,9 +1,14 @@
-"""A Llama-style decoder through the pipeline: pretrained by jaxfound, fine-tuned for NER from that run, and
-recorded in the knowledge graph with its base."""
+"""A Llama-style decoder through the pipeline: pretrained by jaxfound, fine-tuned for NER from that run, recorded
+in the knowledge graph with its base, and both runs served over HTTP."""
 
 import json
 from pathlib import Path
 
+import httpx
+
+from jaxfound.app import evaluate
+from jaxfound.app import generate as generate_app
+from jaxfound.app.serve import Background, ServeOptions, Server, open_servable
 from jaxfound.cli import main
 from jaxfound.fusion import graph
 from jaxfound.runs import open_run
@@ -15,7 +20,7 @@ TINY = ["data.synthetic_docs=600", "data.seq_len=32", "train.batch_size=8", "mod
         "train.eval_every=1000", "train.eval_batches=2", "data.tokenizer_vocab=512", "train.steps=30"]
 
 
-def test_llama_run_finetunes_for_ner_and_is_registered_with_its_base(tmp_path):
+def test_llama_run_finetunes_for_ner_is_registered_with_its_base_and_both_serve(tmp_path):
     registry = tmp_path / "registry"
     base = tmp_path / "llama_base"
     assert main(["pretrain", "-c", RECIPE, *TINY, f"run.dir={base}", f"run.registry={registry}"]) == 0
@@ -37,3 +42,17 @@ def test_llama_run_finetunes_for_ner_and_is_registered_with_its_base(tmp_path):
     v = graph.vertex(g, "llama_ner")
     assert [g.vs[e.target]["name"] for e in graph.out_edges(g, v, ["finetuned_from"])] == ["llama_base"]
     assert graph.lineage(g, "llama_ner")[0] == "llama_base"
+
+    # both runs behind jaxfound serve answer what `jaxfound generate` / `jaxfound predict` give
+    answers = {}
+    for path, route, body in [(base, "/v1/completions", {"prompt": "Acme", "max_tokens": 8, "temperature": 0}),
+                              (ner, "/v1/ner", {"input": ["john smith lives in paris today"]})]:
+        run, kind = open_servable(path)
+        server = Server(run, kind, ServeOptions(max_batch=2, max_len=64), progress=lambda line: None)
+        server.compile()
+        with Background(server) as url:
+            answers[kind] = httpx.post(url + route, json=body, timeout=120).json()
+    assert answers["decoder"]["choices"][0]["text"] == generate_app.generate(base, ["Acme"], max_new_tokens=8).texts[0]
+    expected = evaluate.predict(ner, ["john smith lives in paris today"])
+    expected[0].pop("tags")
+    assert answers["ner"]["data"] == expected and expected[0]["entities"]
