@@ -13,7 +13,10 @@ import threading
 import time
 
 import httpx
+import hypothesis as hyp
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from jaxfound.app import evaluate
 from jaxfound.app import generate as generate_app
@@ -377,3 +380,33 @@ def test_cli_serve_drains_in_flight_requests_on_sigterm_and_exits_0(chat_dir, tm
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+# ---------------------------------------------------------------- hostile bodies (property-based)
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+                           | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=8)
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "n",
+          "seed", "stream", "stream_options", "model", "logprobs", "echo"]
+GOOD = {"prompt": st.sampled_from(["hi", "Once upon", ""]), "max_tokens": st.integers(-2, 200),
+        "messages": st.just([{"role": "user", "content": "hi"}]), "model": st.sampled_from(["tiny", "x"])}
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | st.fixed_dictionaries(
+    {}, optional={**{k: JSON_VALUES for k in FIELDS}, **GOOD})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[hyp.HealthCheck.too_slow, hyp.HealthCheck.function_scoped_fixture])
+@hyp.given(body=BODIES, chat=st.booleans())
+def test_random_bodies_get_an_answer_or_a_4xx_json_error_never_a_5xx(decoder, body, chat):
+    server, url = decoder
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    r = httpx.post(url + path, json=body, timeout=120)
+    assert r.status_code in (200, 400, 404, 413), (body, r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert r.json()["error"]["message"]
+    elif body.get("stream") is True:
+        assert r.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")

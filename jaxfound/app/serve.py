@@ -225,6 +225,8 @@ class Server:
     async def health(self, request: HttpRequest) -> Response:
         if self.draining:
             return JSONResponse({"status": "draining"}, 503)
+        if getattr(self.backend, "error", None) is not None:  # the engine thread failed: restart the server
+            return JSONResponse({"status": "failed", "error": repr(self.backend.error)}, 503)
         return JSONResponse({"status": "ok", "model": self.name, "kind": self.kind})
 
     async def prometheus(self, request: HttpRequest) -> Response:
