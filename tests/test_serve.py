@@ -150,6 +150,7 @@ BAD = [  # (path, raw body, status, param)
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 500}', 400, "max_tokens"),
     ("/v1/completions", json.dumps({"prompt": "word " * 200}).encode(), 413, "prompt"),
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-5"}', 404, "model"),
+    ("/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}', 413, None),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "messages[0].role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', 400, "messages[0].content"),

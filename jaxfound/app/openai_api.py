@@ -70,8 +70,8 @@ def sampling_params(body: dict, chat: bool) -> Sampling:
     for name, neutral in UNSUPPORTED.items():
         if body.get(name, None) not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server", name)
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    del n
+    if body.get("n", 1) not in (1, None) or isinstance(body.get("n"), bool):
+        raise ApiError(400, f"'n' must be 1 (one choice per prompt), got {body.get('n')!r}", "n")
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, max_name, None if chat else 16, 1, 1 << 30, integer=True)
     stop = body.get("stop")

@@ -52,6 +52,7 @@ from jaxfound.errors import JaxfoundError
 
 MAX_INPUTS = 256  # texts per /v1/ner or /v1/classify request
 MAX_TEXT_CHARS = 100_000
+MAX_BODY_BYTES = 8 << 20
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -75,6 +76,7 @@ class Metrics:
     """The Prometheus series of one server (its own registry, so several servers share a process)."""
 
     def __init__(self, queue_depth: Callable[[], int], active: Callable[[], int]):
+        prom.disable_created_metrics()  # the *_created series only add noise to a scrape
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self.requests = prom.Counter("jaxfound_requests", "HTTP requests by endpoint and status",
@@ -201,6 +203,9 @@ class Server:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     async def body(self, request: HttpRequest) -> dict:
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body has {declared} bytes; at most {MAX_BODY_BYTES}")
         raw = await request.body()
         try:
             body = json.loads(raw)
