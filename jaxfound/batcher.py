@@ -60,7 +60,7 @@ class TextBatcher:
         self.mesh = mesh or single_device_mesh()
         self.pad_id = ftdata.special_ids(tokenizer)[2]
         self.length_buckets = _powers(min(MIN_LENGTH_BUCKET, seq_len), seq_len)
-        self.batch_buckets = sorted({1, *(b for b in (4, 16) if b < max_batch), max_batch})
+        self.batch_buckets = _powers(1, max_batch)
         self.on_batch = on_batch or (lambda windows, rows, seconds: None)
         self._params_tree = params
         self._step = make_predict_step(model, self.mesh)
@@ -150,14 +150,27 @@ class TextBatcher:
             r.on_done(rows[i:i + len(r.texts)])
             i += len(r.texts)
 
+    def shapes(self, lengths: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """(window indices, batch bucket) per device call: windows sorted by length, cut where the length bucket
+        changes; a batch's filler rows are taken by the next (shorter) windows rather than left empty."""
+        order = np.argsort(-lengths, kind="stable")
+        buckets = np.array([ftdata.bucket_length(int(n), self.length_buckets) for n in lengths[order]])
+        out, i = [], 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and j - i < self.max_batch and buckets[j] == buckets[i]:
+                j += 1
+            B = next(b for b in self.batch_buckets if b >= j - i)
+            j = min(i + B, len(order))  # fill the batch with shorter windows (padded to this length)
+            out.append((order[i:j], B))
+            i = j
+        return out
+
     def predict_windows(self, windows: ftdata.Windows) -> list[np.ndarray]:
-        """Predictions of every window, length-sorted into batches of the compiled shapes."""
+        """Predictions of every window, in batches of the compiled shapes (see shapes)."""
         start = time.perf_counter()
-        order = np.argsort(-windows.lengths, kind="stable")
-        out: list = [None] * len(order)
-        for i in range(0, len(order), self.max_batch):
-            rows = order[i:i + self.max_batch]
-            B = next(b for b in self.batch_buckets if b >= len(rows))
+        out: list = [None] * len(windows.lengths)
+        for rows, B in self.shapes(windows.lengths):
             rows = np.r_[rows, np.full(B - len(rows), -1)]
             batch = ftdata.collate(windows, rows, B, self.length_buckets, self.pad_id, self.task.token_level)
             batch.pop("labels")
@@ -165,7 +178,7 @@ class TextBatcher:
             for j, r in enumerate(rows):
                 if r >= 0:
                     out[r] = pred[j]
-        self.on_batch(len(order), len(order), time.perf_counter() - start)
+        self.on_batch(len(out), len(out), time.perf_counter() - start)
         return out
 
 

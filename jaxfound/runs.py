@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxfound import checkpoint as ckpt
-from jaxfound.config import Config, TrainConfig, from_dict, to_dict
+from jaxfound.config import Config, DataConfig, TrainConfig, from_dict, to_dict
 from jaxfound.data.finetune import special_ids
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
@@ -102,7 +102,9 @@ def _open_transformers(p: Path, head: str | None) -> Run:
     else:
         has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
         tokenizer, kind = (load_tokenizer(str(p)) if has_tok else None), "transformers"
-    cfg = Config(model=model.cfg, train=TrainConfig(task=HEAD_TASK[model.head]))
+    # windows no longer than the model's positions (a small model's 64 would be overrun by the default 128)
+    data = DataConfig(seq_len=min(DataConfig.seq_len, model.cfg.max_position))
+    cfg = Config(model=model.cfg, data=data, train=TrainConfig(task=HEAD_TASK[model.head]))
     return Run(p, kind, cfg, get_task(cfg.train.task), model, params, tokenizer, labels)
 
 
