@@ -125,8 +125,8 @@ def make_engine_steps(model, mesh: Mesh):
 
     prefill(params, state, ids_1xP, length, slot, settings) -> (state, cache_P): the prompt into a fresh cache of P
     slots, its first token sampled into the slot's state. insert(cache, cache_P, slot) -> cache: cache_P copied into
-    the slot from position 0. decode(params, cache, state) -> (state, cache): one token for every slot.
-    resize(cache, L) -> the cache cut or zero-padded to L positions."""
+    the slot from position 0. decode(params, cache, state) -> (state, cache): one token for each of the first Nb
+    slots, Nb the cache's rows. resize(cache, slots, L) -> the cache cut or zero-padded to slots x L positions."""
     cfg = model.cfg
 
     def prefill(params, state, ids_1xP, length, slot, settings):
@@ -146,17 +146,19 @@ def make_engine_steps(model, mesh: Mesh):
         return jax.tree.map(put, cache, cache_P)
 
     def decode(params, cache, state):
+        Nb = jax.tree.leaves(cache)[0].shape[0]  # the cache holds the first Nb slots
+        rows = {k: v[:Nb] for k, v in state.items()}
         with activation_sharding(mesh, LOGICAL_RULES):
-            logits_VxN, cache = model.apply({"params": params}, state["token"][:, None], cache=cache,
-                                            cache_index=state["index"], vocab_major=True)
-        token_N = sample_slots(logits_VxN, state)
-        return {**state, "token": token_N, "index": state["index"] + 1, "step": state["step"] + 1}, cache
+            logits_VxNb, cache = model.apply({"params": params}, rows["token"][:, None], cache=cache,
+                                             cache_index=rows["index"], vocab_major=True)
+        rows = {**rows, "token": sample_slots(logits_VxNb, rows), "index": rows["index"] + 1,
+                "step": rows["step"] + 1}
+        return {k: lax.dynamic_update_slice_in_dim(state[k], rows[k], 0, axis=0) for k in state}, cache
 
-    def resize(cache, length: int):
+    def resize(cache, slots: int, length: int):
         def one(c):
-            if length <= c.shape[2]:
-                return c[:, :, :length]
-            return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+            c = c[:slots, :, :length]
+            return jnp.pad(c, ((0, slots - c.shape[0]), (0, 0), (0, length - c.shape[2]), (0, 0)))
 
         return jax.tree.map(one, cache)
 
@@ -194,7 +196,8 @@ class Engine:
         self.on_step = on_step or (lambda kind, size, seconds: None)
         smallest = min(MIN_CACHE_BUCKET, self.max_len)
         self.prompt_buckets = _buckets(smallest, self.max_len)
-        self.cache_buckets = self.prompt_buckets
+        self.cache_buckets = self.prompt_buckets  # cache lengths
+        self.slot_buckets = _buckets(1, slots)  # decode runs over the first Nb slots (requests take the lowest free)
         self._params_tree = params
         self._compiled: dict = {}
         self._waiting: collections.deque[Request] = collections.deque()
@@ -239,16 +242,20 @@ class Engine:
             jobs["prefill", P_] = (jax.jit(prefill, out_shardings=(state_out, cache_out(1, P_))),
                                    (params_spec, state_spec, self._spec((1, P_), jnp.int32), scalar, scalar,
                                     settings_spec))
-        for L in self.cache_buckets:
-            jobs["decode", L] = (jax.jit(decode, donate_argnums=(1,), out_shardings=(state_out, cache_out(N, L))),
-                                 (params_spec, cache_spec(N, L), state_spec))
-            for P_ in (p for p in self.prompt_buckets if p <= L):
-                jobs["insert", P_, L] = (jax.jit(insert, donate_argnums=(0,), out_shardings=cache_out(N, L)),
-                                         (cache_spec(N, L), cache_spec(1, P_), scalar))
-        for small, large in zip(self.cache_buckets, self.cache_buckets[1:]):
-            for a, b in ((small, large), (large, small)):
-                jobs["resize", a, b] = (jax.jit(functools.partial(resize, length=b), out_shardings=cache_out(N, b)),
-                                        (cache_spec(N, a),))
+        for Nb in self.slot_buckets:
+            for L in self.cache_buckets:
+                jobs["decode", Nb, L] = (jax.jit(decode, donate_argnums=(1,),
+                                                 out_shardings=(state_out, cache_out(Nb, L))),
+                                         (params_spec, cache_spec(Nb, L), state_spec))
+                for P_ in (p for p in self.prompt_buckets if p <= L):
+                    jobs["insert", P_, Nb, L] = (jax.jit(insert, donate_argnums=(0,), out_shardings=cache_out(Nb, L)),
+                                                 (cache_spec(Nb, L), cache_spec(1, P_), scalar))
+        shapes = [(Nb, L) for Nb in self.slot_buckets for L in self.cache_buckets]
+        for a in shapes:
+            for b in shapes:
+                if self._next_shape(a, b) == b and a != b:
+                    jobs["resize", a, b] = (jax.jit(functools.partial(resize, slots=b[0], length=b[1]),
+                                                    out_shardings=cache_out(*b)), (cache_spec(*a),))
 
         def build(key):
             fn, specs = jobs[key]
@@ -260,8 +267,8 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 4))) as pool:
             self._compiled.update(pool.map(build, heavy_first))
         self._state = state
-        self._length = self.cache_buckets[0]
-        self._cache = jax.device_put(init_cache(cfg, N, self._length), cache_out(N, self._length))
+        self._shape = (self.slot_buckets[0], self.cache_buckets[0])
+        self._cache = jax.device_put(init_cache(cfg, *self._shape), cache_out(*self._shape))
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
 
@@ -337,9 +344,9 @@ class Engine:
                 dispatched = self._admit()
                 occupied = [(s, r) for s, r in enumerate(self._active) if r is not None]
                 if occupied:
-                    self._fit_cache(max(r.need for _, r in occupied))
+                    self._fit_cache()
                     start = time.perf_counter()
-                    self._state, self._cache = self._compiled["decode", self._length](self.params, self._cache,
+                    self._state, self._cache = self._compiled["decode", *self._shape](self.params, self._cache,
                                                                                       self._state)
                     dispatched.append(("decode", self._state["token"], occupied, start))
                 for item in pending:
@@ -371,7 +378,7 @@ class Engine:
             slot, n = free[0], len(request.prompt_ids)
             P_ = next(p for p in self.prompt_buckets if p >= n)
             self._active[slot] = request
-            self._fit_cache(max(r.need for r in self._active if r is not None))
+            self._fit_cache()
             ids = np.zeros((1, P_), np.int32)
             ids[0, :n] = request.prompt_ids
             settings = {"temperature": np.float32(request.temperature), "top_p": np.float32(request.top_p),
@@ -380,19 +387,29 @@ class Engine:
             start = time.perf_counter()
             self._state, cache_P = self._compiled["prefill", P_](self.params, self._state, ids, np.int32(n),
                                                                  np.int32(slot), settings)
-            self._cache = self._compiled["insert", P_, self._length](self._cache, cache_P, np.int32(slot))
+            self._cache = self._compiled["insert", P_, *self._shape](self._cache, cache_P, np.int32(slot))
             dispatched.append(("prefill", self._state["token"], [(slot, request)], start))
             budget -= n
         return dispatched
 
-    def _fit_cache(self, need: int) -> None:
-        """Grow or shrink the cache to the bucket of the longest request in the slots."""
-        target = next(b for b in self.cache_buckets if b >= need)
-        while self._length != target:
-            i = self.cache_buckets.index(self._length)
-            step = self.cache_buckets[i + 1] if target > self._length else self.cache_buckets[i - 1]
-            self._cache = self._compiled["resize", self._length, step](self._cache)
-            self._length = step
+    def _next_shape(self, shape: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+        """One bucket step from shape towards target: slots first, then length."""
+        for axis, buckets in ((0, self.slot_buckets), (1, self.cache_buckets)):
+            if shape[axis] != target[axis]:
+                i = buckets.index(shape[axis])
+                step = buckets[i + 1] if target[axis] > shape[axis] else buckets[i - 1]
+                return (step, shape[1]) if axis == 0 else (shape[0], step)
+        return shape
+
+    def _fit_cache(self) -> None:
+        """Grow or shrink the cache to the buckets of the highest busy slot and the longest request in the slots."""
+        busy = [s for s, r in enumerate(self._active) if r is not None]
+        need = max(self._active[s].need for s in busy)
+        target = (next(b for b in self.slot_buckets if b > busy[-1]), next(b for b in self.cache_buckets if b >= need))
+        while self._shape != target:
+            step = self._next_shape(self._shape, target)
+            self._cache = self._compiled["resize", self._shape, step](self._cache)
+            self._shape = step
 
     def _route(self, kind: str, tokens, occupied, start: float) -> None:
         """Hand each request of a dispatched step its token; free the slots of those that ended."""
