@@ -18,6 +18,7 @@ from jaxfound.app import bench, evaluate, finetune, generate, merge, pretrain, q
 from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
+from jaxfound.quant.kernel import cache_dir
 
 VERBS = {}  # name -> (function of the parsed args, help, argument specs)
 
@@ -148,11 +149,15 @@ def _generate(args):
       arg("--max-queue", type=int, default=64, help="requests that may wait for a slot; beyond it: 503"),
       arg("--api-key-file", default=None, help="file holding the key clients must send as 'Authorization: Bearer'"),
       arg("--model-name", default=None, help="the model id clients use (default: the run dir's name)"),
-      arg("--seed", type=int, default=0, help="sampling key of requests that give no seed"))
+      arg("--seed", type=int, default=0, help="sampling key of requests that give no seed"),
+      arg("--compile-cache", default=None, help="XLA compilation cache dir, so restarts skip compiling "
+          "(default: $JAXFOUND_CACHE/xla; 'none': off)"))
 def _serve(args):
     key = serve.read_api_key(args.api_key_file) if args.api_key_file else None
     options = serve.ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
-                                 max_queue=args.max_queue, api_key=key, model_name=args.model_name, seed=args.seed)
+                                 max_queue=args.max_queue, api_key=key, model_name=args.model_name, seed=args.seed,
+                                 compile_cache=None if args.compile_cache == "none" else
+                                 args.compile_cache or str(cache_dir() / "xla"))
     return serve.serve(args.run, options, progress=lambda line: print(line, flush=True))
 
 

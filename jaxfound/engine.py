@@ -48,7 +48,8 @@ from jaxfound.generation import (
 from jaxfound.models.cache import cache_shape, init_cache
 from jaxfound.sharding import LOGICAL_RULES, activation_sharding
 
-MIN_CACHE_BUCKET = 32  # the shortest cache (and longest shortest prompt bucket) compiled
+MIN_PROMPT_BUCKET = 32  # the shortest prompt bucket compiled
+MIN_CACHE_BUCKET = 64  # the shortest cache: fewer decode shapes to compile; short requests pay little for it
 DEFAULT_MAX_LEN = 2048  # context served when the model allows more and none is asked for
 
 
@@ -194,9 +195,8 @@ class Engine:
         self.mesh = mesh or single_device_mesh()
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.on_step = on_step or (lambda kind, size, seconds: None)
-        smallest = min(MIN_CACHE_BUCKET, self.max_len)
-        self.prompt_buckets = _buckets(smallest, self.max_len)
-        self.cache_buckets = self.prompt_buckets  # cache lengths
+        self.prompt_buckets = _buckets(min(MIN_PROMPT_BUCKET, self.max_len), self.max_len)
+        self.cache_buckets = _buckets(min(MIN_CACHE_BUCKET, self.max_len), self.max_len)  # cache lengths
         self.slot_buckets = _buckets(1, slots)  # decode runs over the first Nb slots (requests take the lowest free)
         self._params_tree = params
         self._compiled: dict = {}

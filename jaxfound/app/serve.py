@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import prometheus_client as prom
 import uvicorn
 from starlette.applications import Starlette
@@ -70,6 +71,7 @@ class ServeOptions:
     wait_ms: float = 5.0  # encoder: how long the first request of a batch waits for company
     shutdown_timeout: float = 300.0  # seconds in-flight requests get after SIGTERM
     seed: int = 0  # requests without a seed draw from key(seed * 1_000_003 + request number)
+    compile_cache: str | None = None  # XLA's persistent compilation cache (serve's CLI default: $JAXFOUND_CACHE/xla)
 
 
 class Metrics:
@@ -472,6 +474,9 @@ def serve(path, options: ServeOptions, progress: Callable[[str], None] = print) 
                             f"{options.max_queue}")
     run, kind = open_servable(path)
     server = Server(run, kind, options, progress)
+    if options.compile_cache:  # a restart with the same model and bounds loads its executables instead of compiling
+        jax.config.update("jax_compilation_cache_dir", str(options.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     progress(f"compiling {server.name} ({kind}) for batches up to {options.max_batch} ...")
     seconds = server.compile()
     sock = bind(options.host, options.port)
