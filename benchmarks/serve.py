@@ -432,6 +432,26 @@ def agreement(a: dict, b: dict) -> dict:
     return out
 
 
+def each_server(servers: dict, workdir: Path, startup_timeout: float, load) -> dict:
+    """Start each server alone, run load(url) (a coroutine) against it, stop it; label -> startup, exit code and
+    the load's result (or the failure)."""
+    results = {}
+    for label, (cmd, port) in servers.items():
+        if port is not None:
+            cmd = [*cmd, "--port", str(port)]
+        slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        try:
+            with running(label, cmd, workdir / f"server_{slug}.log", startup_timeout, port) as (server, startup):
+                result = asyncio.run(load(server.url))
+            results[label] = {"startup_s": startup, "exit_code_after_sigterm": server.exit_code,
+                              "server_warnings": server.warnings(), **result}
+        except RuntimeError as e:
+            print(f"[{label}] failed: {e}", file=sys.stderr)
+            results[label] = {"failed": str(e)}
+        time.sleep(2 * SETTLE_S)
+    return results
+
+
 def decoder_part(args, workdir: Path) -> dict:
     gguf = smollm2_gguf()
     hf_dir = workdir / "smollm2_hf"
@@ -461,19 +481,8 @@ def decoder_part(args, workdir: Path) -> dict:
                           "--continuous-batching", "--dtype", "float32", *cb_flags], free_port()),
     }
     servers = {side: v for side, v in servers.items() if args.only in (None, side)}
-    sides = {}
-    for side, (cmd, port) in servers.items():
-        if port is not None:
-            cmd = [*cmd, "--port", str(port)]
-        try:
-            with running(side, cmd, workdir / f"server_{side}.log", args.startup_timeout, port) as (server, startup):
-                result = asyncio.run(decoder_load(server.url, levels, max_tokens, args.time_limit))
-            sides[side] = {"startup_s": startup, "exit_code_after_sigterm": server.exit_code,
-                           "server_warnings": server.warnings(), **result}
-        except RuntimeError as e:
-            print(f"[{side}] failed: {e}", file=sys.stderr)
-            sides[side] = {"failed": str(e)}
-        time.sleep(2 * SETTLE_S)
+    sides = each_server(servers, workdir, args.startup_timeout,
+                        lambda url: decoder_load(url, levels, max_tokens, args.time_limit))
     report = {"settings": settings, "sides": {s: {k: v for k, v in r.items() if k != "texts"}
                                               for s, r in sides.items()}}
     if len(sides) == 2 and all("levels" in r for r in sides.values()):
@@ -565,20 +574,8 @@ def ner_part(args, workdir: Path) -> dict:
             [sys.executable, __file__, "--reference-ner-app", str(prepared["hf"]), "--batch", str(args.ner_max_batch),
              "--model-name", name], free_port()),
     }
-    results = {}
-    for label, (cmd, port) in servers.items():
-        if port is not None:
-            cmd = [*cmd, "--port", str(port)]
-        slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-        try:
-            with running(label, cmd, workdir / f"server_{slug}.log", args.startup_timeout, port) as (server, startup):
-                result = asyncio.run(ner_load(server.url, name, sentences, NER_CONCURRENCY, args.time_limit))
-            results[label] = {"startup_s": startup, "exit_code_after_sigterm": server.exit_code,
-                              "server_warnings": server.warnings(), **result}
-        except RuntimeError as e:
-            print(f"[{label}] failed: {e}", file=sys.stderr)
-            results[label] = {"failed": str(e)}
-        time.sleep(2 * SETTLE_S)
+    results = each_server(servers, workdir, args.startup_timeout,
+                          lambda url: ner_load(url, name, sentences, NER_CONCURRENCY, args.time_limit))
     reference = results.get("jaxfound fp32", {}).get("entities")
     report = {"settings": {"model": "all-MiniLM-L6-v2 + token-classification head (CoNLL-2003, IOB1 tags)",
                            "finetune_sentences": prepared["finetune_sentences"], "finetune": prepared["finetune"],

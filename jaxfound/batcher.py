@@ -13,8 +13,6 @@ character offsets, or labels), the same JSON as `jaxfound predict`.
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfound.data import finetune as ftdata
-from jaxfound.engine import EngineClosed, EngineFull
+from jaxfound.engine import RequestQueue, power_buckets
 from jaxfound.generation import single_device_mesh
 from jaxfound.inference import make_predict_step
 from jaxfound.sharding import global_batch
@@ -41,34 +39,24 @@ class TextRequest:
     submitted_at: float = 0.0
 
 
-def _powers(smallest: int, largest: int) -> list[int]:
-    out, n = [], smallest
-    while n < largest:
-        out.append(n)
-        n *= 2
-    return out + [largest]
-
-
-class TextBatcher:
+class TextBatcher(RequestQueue):
     """A tagging or classification model behind a request queue (see the module docstring)."""
+
+    thread_name = "jaxfound-batcher"
 
     def __init__(self, model, params, task, labels, tokenizer, *, seq_len: int, max_batch: int = 32,
                  wait_ms: float = 5.0, max_queue: int = 256, mesh=None,
                  on_batch: Callable[[int, int, float], None] | None = None):
+        super().__init__(max_queue)
         self.model, self.task, self.labels, self.tokenizer = model, task, labels, tokenizer
-        self.seq_len, self.max_batch, self.wait, self.max_queue = seq_len, max_batch, wait_ms / 1000, max_queue
+        self.seq_len, self.max_batch, self.wait = seq_len, max_batch, wait_ms / 1000
         self.mesh = mesh or single_device_mesh()
         self.pad_id = ftdata.special_ids(tokenizer)[2]
-        self.length_buckets = _powers(min(MIN_LENGTH_BUCKET, seq_len), seq_len)
-        self.batch_buckets = _powers(1, max_batch)
+        self.length_buckets = power_buckets(min(MIN_LENGTH_BUCKET, seq_len), seq_len)
+        self.batch_buckets = power_buckets(1, max_batch)
         self.on_batch = on_batch or (lambda windows, rows, seconds: None)
         self._params_tree = params
         self._step = make_predict_step(model, self.mesh)
-        self._waiting: collections.deque[TextRequest] = collections.deque()
-        self._lock = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        self.compile_seconds = 0.0
 
     def compile(self, progress: Callable[[str], None] | None = None) -> float:
         """Place the params and run every (batch bucket, length bucket) shape once; the seconds it took."""
@@ -82,38 +70,11 @@ class TextBatcher:
                 batch = {"input_ids": np.zeros((B, L), np.int32), "attention_mask": np.ones((B, L), np.int32),
                          "token_type_ids": np.zeros((B, L), np.int32)}
                 jax.block_until_ready(self._step(self.params, global_batch(batch, self.mesh)))
-        self.compile_seconds = time.perf_counter() - start
+        self.compiled, self.compile_seconds = True, time.perf_counter() - start
         return self.compile_seconds
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
     def submit(self, request: TextRequest) -> TextRequest:
-        with self._lock:
-            if self._closing:
-                raise EngineClosed("the server is stopping and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise EngineFull(f"{len(self._waiting)} requests are waiting (the bound is {self.max_queue}); "
-                                 "retry later")
-            request.submitted_at = time.perf_counter()
-            self._waiting.append(request)
-            self._lock.notify()
-        return request
-
-    def start(self) -> TextBatcher:
-        if not hasattr(self, "params"):
-            self.compile()
-        self._thread = threading.Thread(target=self._run, name="jaxfound-batcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        with self._lock:
-            self._closing = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        return self.enqueue(request)
 
     def _run(self) -> None:
         while True:

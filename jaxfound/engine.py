@@ -166,7 +166,7 @@ def make_engine_steps(model, mesh: Mesh):
     return prefill, insert, decode, resize
 
 
-def _buckets(smallest: int, largest: int) -> list[int]:
+def power_buckets(smallest: int, largest: int) -> list[int]:
     """Powers of two from smallest up, then largest itself (the context need not be a power of two)."""
     out, n = [], smallest
     while n < largest:
@@ -178,8 +178,64 @@ def _buckets(smallest: int, largest: int) -> list[int]:
 # ---------------------------------------------------------------- the engine (host side)
 
 
-class Engine:
+class RequestQueue:
+    """A bounded queue of requests served by one thread (the engine's decode loop, the encoder batcher): submit
+    raises EngineFull at the bound and EngineClosed once stopping; stop lets the thread finish what was queued."""
+
+    thread_name = "jaxfound-worker"
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._waiting: collections.deque = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.error: BaseException | None = None  # set when the thread died: it takes no more requests
+        self.compiled = False
+        self.compile_seconds = 0.0
+
+    def compile(self) -> float:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def enqueue(self, request):
+        with self._lock:
+            if self._closing or self.error is not None:
+                raise EngineClosed("the server is stopping and takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineFull(f"{len(self._waiting)} requests are waiting (the bound is {self.max_queue}); "
+                                 "retry later")
+            request.submitted_at = time.perf_counter()
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self):
+        if not self.compiled:
+            self.compile()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new requests, finish the queued ones, end the thread (waits up to timeout s)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class Engine(RequestQueue):
     """Continuous batching over `slots` KV-cache rows for one decoder (see the module docstring)."""
+
+    thread_name = "jaxfound-engine"
 
     def __init__(self, model, params, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
                  max_queue: int = 256, mesh: Mesh | None = None, prefill_tokens_per_step: int = 2048,
@@ -187,26 +243,21 @@ class Engine:
         check_request(model, [[0]], 1, 0.0, 0, 1.0)  # a decoder with an LM head
         if slots < 1 or max_queue < 0:
             raise JaxfoundError(f"slots must be >= 1 and max_queue >= 0; got slots={slots}, max_queue={max_queue}")
+        super().__init__(max_queue)
         cfg = model.cfg
         self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.max_position)
         if self.max_len < 2:
             raise JaxfoundError(f"max_len must be >= 2 (a prompt token and a new one); got {max_len}")
-        self.model, self.tokenizer, self.slots, self.max_queue = model, tokenizer, slots, max_queue
+        self.model, self.tokenizer, self.slots = model, tokenizer, slots
         self.mesh = mesh or single_device_mesh()
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.on_step = on_step or (lambda kind, size, seconds: None)
-        self.prompt_buckets = _buckets(min(MIN_PROMPT_BUCKET, self.max_len), self.max_len)
-        self.cache_buckets = _buckets(min(MIN_CACHE_BUCKET, self.max_len), self.max_len)  # cache lengths
-        self.slot_buckets = _buckets(1, slots)  # decode runs over the first Nb slots (requests take the lowest free)
+        self.prompt_buckets = power_buckets(min(MIN_PROMPT_BUCKET, self.max_len), self.max_len)
+        self.cache_buckets = power_buckets(min(MIN_CACHE_BUCKET, self.max_len), self.max_len)  # cache lengths
+        self.slot_buckets = power_buckets(1, slots)  # decode covers the first Nb slots (requests take the lowest)
         self._params_tree = params
         self._compiled: dict = {}
-        self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request | None] = [None] * slots
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closing = False
-        self.error: BaseException | None = None
-        self.compile_seconds = 0.0
 
     # ------------------------------------------------------------ compile
 
@@ -269,7 +320,7 @@ class Engine:
         self._state = state
         self._shape = (self.slot_buckets[0], self.cache_buckets[0])
         self._cache = jax.device_put(init_cache(cfg, *self._shape), cache_out(*self._shape))
-        self.compile_seconds = time.perf_counter() - start
+        self.compiled, self.compile_seconds = True, time.perf_counter() - start
         return self.compile_seconds
 
     # ------------------------------------------------------------ requests
@@ -290,45 +341,17 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue a request (checked first); EngineFull when max_queue requests wait, EngineClosed when stopping."""
         self.check(request)
-        with self._lock:
-            if self._closing or self.error is not None:
-                raise EngineClosed("the engine is stopping and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise EngineFull(f"{len(self._waiting)} requests are waiting (the bound is {self.max_queue}); "
-                                 "retry later")
-            request.submitted_at = time.perf_counter()
-            self._waiting.append(request)
-            self._lock.notify()
-        return request
+        return self.enqueue(request)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (its client left): it leaves its slot at the next step, or the queue before it starts."""
         request.cancelled = True
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
     def active(self) -> int:
         return sum(r is not None for r in self._active)
 
     # ------------------------------------------------------------ the loop
-
-    def start(self) -> Engine:
-        if not self._compiled:
-            self.compile()
-        self._thread = threading.Thread(target=self._run, name="jaxfound-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no new requests, finish the admitted and waiting ones, end the thread (waits up to timeout s)."""
-        with self._lock:
-            self._closing = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _run(self) -> None:
         pending: list = []  # dispatched, not yet read: (kind, token array, [(slot, request)])
@@ -448,4 +471,5 @@ def _say(progress, message: str) -> None:
         progress(message)
 
 
-__all__ = ["Engine", "EngineClosed", "EngineFull", "Request", "init_state", "make_engine_steps", "sample_slots"]
+__all__ = ["Engine", "EngineClosed", "EngineFull", "Request", "RequestQueue", "init_state", "make_engine_steps",
+           "power_buckets", "sample_slots"]

