@@ -15,6 +15,7 @@ import jax
 
 from jaxfound import runs
 from jaxfound.app import bench, evaluate, finetune, generate, merge, pretrain, quantize, serve
+from jaxfound.app import compile as aot
 from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
@@ -67,6 +68,22 @@ def _pretrain(args):
 def _bench(args):
     report = bench.benchmark(load_config(args.config, args.overrides, verb="bench"), args.steps, args.warmup)
     print(bench.format_table(report))
+    if args.out:
+        runs.write_json(args.out, report, 2)
+        print(f"wrote {args.out}")
+
+
+@verb("compile", "compile a recipe's train step (and a decoder's prefill / decode) for a TPU slice on this host: "
+      "memory per chip, fits or not, FLOPs, XLA's step-time estimate and MFU, collectives",
+      *config_args("configs/bert_tiny_mlm.yaml"),
+      arg("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1, v6e:2x2"),
+      arg("--decode-batch", type=int, default=None, help="decoders: batch of the prefill / decode compiles "
+          "(default train.batch_size)"),
+      arg("--out", default=None, help="write the report as JSON here"))
+def _compile(args):
+    report = aot.compile_for_topology(load_config(args.config, args.overrides, verb="compile"), args.topology,
+                                      decode_batch=args.decode_batch)
+    print(aot.format_report(report))
     if args.out:
         runs.write_json(args.out, report, 2)
         print(f"wrote {args.out}")
@@ -237,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `section.key=value` overrides may come after options too (`--topology v5e:4x4 mesh.fsdp=-1 --out f.json`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.verb:
         parser.print_help()
         return 2

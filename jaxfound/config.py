@@ -30,7 +30,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _choice("bert", "bert", "gpt", "llama")  # llama: the Llama / Mistral / Qwen decoder family
+    arch: str = _choice("bert", "bert", "roberta", "gpt", "llama")  # llama: the Llama / Mistral / Qwen decoder family
     vocab_size: int = 0  # 0: take the tokenizer's size (rounded up to a multiple of 128)
     hidden_size: int = 128
     num_layers: int = 2
@@ -39,7 +39,8 @@ class ModelConfig:
     head_dim: int = 0  # llama: 0 = hidden_size // num_heads
     intermediate_size: int = 512
     max_position: int = 512
-    type_vocab_size: int = 2  # BERT token types
+    type_vocab_size: int = 2  # BERT token types (RoBERTa: 1)
+    pad_token_id: int = 1  # roberta: positions count from pad_token_id + 1 over the non-padding tokens
     dropout: float = 0.1  # hidden dropout (attention-probability dropout is not applied)
     layer_norm_eps: float = 1e-12
     activation: str = _choice("gelu", "gelu", "gelu_new", "relu", "silu")  # llama: the SwiGLU gate's activation
@@ -55,7 +56,14 @@ class ModelConfig:
     tie_embeddings: bool = True  # llama: the LM head is the word embedding (GPT-2 is always tied)
     dtype: str = _choice("float32", "float32", "bfloat16")  # compute dtype
     param_dtype: str = _choice("float32", "float32", "bfloat16")
-    remat: bool = False  # rematerialise each block in the backward pass
+    # rematerialise each block in the backward pass: 'full' saves nothing inside a block, 'dots_saveable' keeps matmul
+    # outputs, 'dots_with_no_batch_dims_saveable' keeps those without batch dims (jax.checkpoint_policies); true/false
+    # (earlier configs) read as full/none
+    remat: str = _choice("none", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+    scan_layers: bool = False  # one block compiled and scanned over params stacked on a leading 'layers' axis
+    # attention kernel: 'auto' = XLA's einsum form on CPU, cuDNN flash attention on GPU, Pallas splash on TPU;
+    # 'xla' (the einsum form), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn', 'splash' force one
+    attention: str = _choice("auto", "auto", "xla", "dot_product", "cudnn", "splash")
     num_labels: int = 0  # classification heads: set by the fine-tuning task
     quant: str = _choice("none", "none", "w8", "w8a8")  # int8 Dense kernels (see jaxfound.quant)
     init: str | None = None  # fine-tuning: HF directory or jaxfound run dir to start from
@@ -112,7 +120,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: all devices left over
-    fsdp: int = 1
+    fsdp: int = 1  # -1 (with data set): all devices left over
     tensor: int = 1
     coordinator: str | None = None  # multi-process: host:port of process 0 (else from environment)
     num_processes: int | None = None
@@ -166,6 +174,7 @@ _PRETRAIN = {
 VERB_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "pretrain": _PRETRAIN,
     "bench": dict(_PRETRAIN),  # benchmarks pretraining recipes
+    "compile": dict(_PRETRAIN),  # compiles pretraining recipes for a TPU topology
     "finetune": {
         **_SHARED,
         "model": _keys(ModelConfig, "num_labels", "quant"),
@@ -216,6 +225,8 @@ def _build(cls, values: dict, prefix: str, source: str):
             raise JaxfoundError(f"{source}: unknown key '{prefix}{k}' "
                                 f"(allowed under '{prefix[:-1]}': {', '.join(allowed)})")
         f = next(f for f in dataclasses.fields(cls) if f.name == k)
+        if prefix + k == "model.remat" and isinstance(v, bool):  # earlier configs: remat: true / false
+            v = "full" if v else "none"
         v = _coerce(v, hints[k], prefix + k, source)
         choices = f.metadata.get("choices")
         if choices and v not in choices:
@@ -228,10 +239,10 @@ _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.
              "model.max_position", "model.type_vocab_size", "model.layer_norm_eps", "model.rope_theta",
              "model.rope_factor", "data.tokenizer_vocab",
              "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
-             "train.eval_batches", "mesh.fsdp", "mesh.tensor", "checkpoint.keep")
-_NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "data.synthetic_docs", "train.steps",
-                 "train.schedule_steps", "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps",
-                 "train.clip_norm", "checkpoint.every")
+             "train.eval_batches", "checkpoint.keep")
+_NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "model.pad_token_id",
+                 "data.synthetic_docs", "train.steps", "train.schedule_steps", "train.warmup_steps", "train.lr",
+                 "train.weight_decay", "train.eps", "train.clip_norm", "checkpoint.every")
 _UNIT = {"model.dropout": (0.0, 1.0, "[0, 1)"), "data.mask_prob": (0.0, 1.0, "(0, 1)"),
          "data.valid_fraction": (0.0, 1.0, "[0, 1)"), "train.warmup_ratio": (0.0, 1.0, "[0, 1]"),
          "train.b1": (0.0, 1.0, "[0, 1)"), "train.b2": (0.0, 1.0, "[0, 1)")}
@@ -258,8 +269,11 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         ok = lo <= v <= hi and (v < hi or text.endswith("]")) and (v > lo or text.startswith("["))
         if not ok:
             raise bad(key, f"in {text}")
-    if not (cfg.mesh.data == -1 or cfg.mesh.data > 0):
-        raise bad("mesh.data", "-1 (all devices left over) or > 0")
+    for key in ("data", "fsdp", "tensor"):
+        if not (getattr(cfg.mesh, key) == -1 or getattr(cfg.mesh, key) > 0):
+            raise bad(f"mesh.{key}", "-1 (all devices left over) or > 0")
+    if sum(getattr(cfg.mesh, k) == -1 for k in ("data", "fsdp", "tensor")) > 1:
+        raise bad("mesh.data", "a size when mesh.fsdp or mesh.tensor is -1 (at most one axis takes the rest)")
     if cfg.data.seq_len < 2:
         raise bad("data.seq_len", ">= 2")
     if cfg.model.hidden_size % cfg.model.num_heads and not (cfg.model.arch == "llama" and cfg.model.head_dim):
@@ -270,6 +284,10 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         raise bad("train.grad_accum", f"a divisor of train.batch_size={cfg.train.batch_size}")
     if cfg.data.seq_len > cfg.model.max_position:
         raise bad("data.seq_len", f"<= model.max_position={cfg.model.max_position}")
+    if cfg.model.arch == "roberta" and cfg.data.seq_len + cfg.model.pad_token_id + 1 > cfg.model.max_position:
+        raise bad("data.seq_len", f"<= model.max_position - model.pad_token_id - 1 = "
+                  f"{cfg.model.max_position - cfg.model.pad_token_id - 1} (RoBERTa's positions start at "
+                  f"pad_token_id + 1)")
     return cfg
 
 

@@ -30,6 +30,7 @@ from jaxfound.errors import JaxfoundError
 from jaxfound.interop.gguf import gguf_tokenizer
 from jaxfound.interop.hf import from_pretrained, load_hf_config
 from jaxfound.models import build_model
+from jaxfound.models.scan import unstack_layers
 from jaxfound.quant.checkpoint import META_FILE as QUANT_META
 from jaxfound.quant.checkpoint import load_quantized, save_quantized
 from jaxfound.tasks import HEAD_TASK, get_task, resolve_task
@@ -80,7 +81,10 @@ def kind_of(path: str | Path) -> str:
 
 def open_run(path: str | Path, head: str | None = None) -> Run:
     """Any model directory jaxfound reads, opened the same way; head: a transformers dir's head (default: its own,
-    'none': the trunk alone)."""
+    'none': the trunk alone).
+
+    A run trained with model.scan_layers opens unrolled (params unstacked, scan_layers false in run.config): every
+    reader (inference, KV-cache decoding, merging, quantizing, export) sees one layout; fine-tuning stacks again."""
     p = Path(path)
     kind = kind_of(p)
     if kind in ("transformers", "gguf"):
@@ -89,7 +93,11 @@ def open_run(path: str | Path, head: str | None = None) -> Run:
     task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
     tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer  # a moved one: None
     tokenizer = load_tokenizer(str(tok_dir)) if tok_dir and Path(tok_dir).is_dir() else None
-    return Run(p, kind, cfg, task, build_model(cfg.model, task.head), read_params(p, kind), tokenizer, read_labels(p))
+    params = read_params(p, kind)
+    if cfg.model.scan_layers:
+        params = unstack_layers(params)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    return Run(p, kind, cfg, task, build_model(cfg.model, task.head), params, tokenizer, read_labels(p))
 
 
 def _open_transformers(p: Path, head: str | None) -> Run:

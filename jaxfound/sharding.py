@@ -43,6 +43,7 @@ LOGICAL_RULES = (
     ("norm", None),
     ("labels", None),
     ("head_dim", None),
+    ("layers", None),  # the stacked layer axis of scanned blocks (model.scan_layers): every device holds all layers
     # the KV cache: rows over data and fsdp like the batch, key/value heads over tensor like the heads
     ("cache_batch", ("data", "fsdp")),
     ("cache_len", None),
@@ -158,3 +159,9 @@ def constrain(x, logical_axes):
     mesh, rules = ctx
     spec = nn.logical_to_mesh_axes(logical_axes, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)))
+
+
+def current_activation_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` (None outside one): kernels that shard_map themselves."""
+    ctx = _ACTIVATION_MESH.get()
+    return None if ctx is None else ctx[0]

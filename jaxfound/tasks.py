@@ -149,7 +149,7 @@ class Classify(Task):
 
 
 TASKS = {
-    "mlm": Task("mlm", "mlm", losses.mlm_loss, archs=("bert",)),
+    "mlm": Task("mlm", "mlm", losses.mlm_loss, archs=("bert", "roberta")),
     "clm": Task("clm", "lm", losses.clm_loss, archs=("gpt", "llama")),
     "ner": Tagging("ner", "token_cls", losses.token_cls_loss, "f1", pretraining=False),
     "pos": Tagging("pos", "token_cls", losses.token_cls_loss, "accuracy", pretraining=False, column=1,

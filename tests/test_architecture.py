@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "jaxfound"
 # lowest first; a module may import its own package's modules on its layer, and any module of a lower layer
 LAYERS = [
     ("jaxfound", "jaxfound.errors"),
-    ("jaxfound.config", "jaxfound.metrics", "jaxfound.sharding", "jaxfound.checkpoint"),
+    ("jaxfound.config", "jaxfound.metrics", "jaxfound.sharding", "jaxfound.checkpoint", "jaxfound.accelerators"),
     ("jaxfound.quant",),
     ("jaxfound.models",),
     ("jaxfound.data", "jaxfound.interop"),
@@ -29,8 +29,9 @@ LAYERS = [
 ]
 # imports inside functions, each for a reason: grain (5 s to import here), datasets (3.5 s) and transformers (2.4 s)
 # are paid only by the paths that use them (a GGUF's tokenizer is built by transformers); torch is optional (reading
-# .bin checkpoints)
-LAZY = {("jaxfound.checkpoint", "grain"), ("jaxfound.data.finetune", "grain"), ("jaxfound.data.pipeline", "grain"),
+# .bin checkpoints); libtpu (684 MB, the tpu extra) is loaded only to describe a TPU topology
+LAZY = {("jaxfound.accelerators", "libtpu"),
+        ("jaxfound.checkpoint", "grain"), ("jaxfound.data.finetune", "grain"), ("jaxfound.data.pipeline", "grain"),
         ("jaxfound.data.corpus", "datasets"), ("jaxfound.data.tokenizer", "transformers"),
         ("jaxfound.interop.hf", "torch"), ("jaxfound.interop.gguf", "transformers")}
 

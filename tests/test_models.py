@@ -42,7 +42,7 @@ def test_sparse_last_layer_is_exact_with_masks_remat_and_gradients():
     pos = jnp.array([[0, 5, 9, 12], [1, 2, 15, 3]])
     seg = jnp.array([[1] * 7 + [2] * 9, [1] * 12 + [0] * 4])
     am = (seg > 0).astype(jnp.int32)
-    for remat in (False, True):
+    for remat in ("none", "full"):
         model, params = _init(dataclasses.replace(CFG, remat=remat), "mlm")
         for kw in ({"segment_ids": seg}, {"attention_mask": am}):
             def dense(p, model=model, kw=kw):
@@ -90,7 +90,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 def test_remat_gives_the_same_gradients():
     model, params = _init(CFG, "mlm")
-    remat = build_model(dataclasses.replace(CFG, remat=True), "mlm")
+    remat = build_model(dataclasses.replace(CFG, remat="full"), "mlm")
     ids = jax.random.randint(jax.random.key(5), (2, 16), 0, 97)
     loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, ids) ** 2)
     g1 = jax.grad(loss(model))(params)

@@ -58,3 +58,56 @@ def test_readme_serve_commands_answer(smollm2_gguf):
     assert '"content":"The capital of France is Paris."' in out.stdout, out.stdout[-2000:]
     assert "\nThe capital of France is Paris.\n" in out.stdout
     assert "in-flight requests finished" in out.stdout
+
+
+def test_readme_roberta_commands_run(tmp_path):
+    """The RoBERTa section's bash block, run by bash as written, with toy CoNLL files for CONLL, run dirs under
+    tmp_path, 30 pretraining steps and one fine-tuning epoch: predict answers and export writes a transformers
+    RobertaForTokenClassification directory."""
+    import json
+    import subprocess
+
+    from tests.test_finetune import write_toy_conll
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### RoBERTa", 1)[1].split("\n### ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    for split, n in (("train", 96), ("valid", 32), ("test", 32)):
+        write_toy_conll(tmp_path / f"{split}.txt", n, seed=len(split))
+    script = (bash.replace("CONLL=../shared/data/conll2003", f"CONLL={tmp_path}").replace("runs/", f"{tmp_path}/runs/")
+              .replace("train.lr=1e-3", "train.lr=1e-3 train.epochs=1").replace("train.steps=300", "train.steps=30"))
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", "-c", "set -e\n" + script], capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    [row] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"text"')]
+    assert row["text"] == "Ada Lovelace lives in Lyon" and isinstance(row["entities"], list)
+    config = json.loads((tmp_path / "runs" / "roberta_ner_hf" / "config.json").read_text())
+    assert config["architectures"] == ["RobertaForTokenClassification"] and config["model_type"] == "roberta"
+
+
+def test_readme_compile_commands_run(tmp_path):
+    """The GPU and TPU section's `jaxfound compile` lines, run by bash as written with a much smaller model put in
+    (2 layers of width 128, batch 16 x 128: the recipes' full size is docs/scaling.md's job), JSON under tmp_path."""
+    import importlib.util
+    import json
+    import subprocess
+
+    import pytest
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install 'jaxfound[tpu]'): no TPU compiler")
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### GPU and TPU", 1)[1].split("\n### ", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in re.findall(r"```bash\n(.*?)```", section, re.S)[1].splitlines()
+             if line.startswith("jaxfound compile")]
+    assert len(lines) == 2, lines
+    small = (" model.num_layers=2 model.hidden_size=128 model.intermediate_size=256 model.num_heads=4"
+             " model.num_kv_heads=2 model.vocab_size=1024 train.batch_size=16 data.seq_len=128")
+    script = "set -e\n" + "\n".join(line.replace("gpt2m.json", str(tmp_path / "gpt2m.json"))
+                                    .replace(" --topology", small + " --topology") for line in lines)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpt2m.json").read_text())
+    assert report["topology"] == "v5e:4x4" and report["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
+    assert "[train] compiled" in out.stdout and "on v5p:2x2x2" in out.stdout

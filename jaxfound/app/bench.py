@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfound.accelerators import peak_of
 from jaxfound.data.pipeline import max_predictions
 from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
@@ -27,22 +28,6 @@ from jaxfound.models import build_model
 from jaxfound.sharding import bytes_per_device, global_batch, initialize_distributed, mesh_shape
 from jaxfound.tasks import get_task
 from jaxfound.train.build import build as build_training
-
-# Dense peak FLOP/s per chip by device_kind substring: (bf16, fp32). GPU fp32 is the TF32 tensor-core peak,
-# since XLA runs fp32 matmuls in TF32 by default there; TPUs run fp32 matmuls in bf16 passes at default
-# precision, so fp32 is given the bf16 peak. Longer keys first: 'v5 lite' must win over 'v5'.
-PEAK_FLOPS = {
-    "TPU v6 lite": (918e12, 918e12),
-    "TPU v6e": (918e12, 918e12),
-    "TPU v5 lite": (197e12, 197e12),
-    "TPU v5e": (197e12, 197e12),
-    "TPU v5p": (459e12, 459e12),
-    "TPU v5": (459e12, 459e12),
-    "TPU v4": (275e12, 275e12),
-    "A100": (312e12, 156e12),
-    "H100": (989e12, 495e12),
-    "H200": (989e12, 495e12),
-}
 
 
 @dataclass
@@ -120,9 +105,9 @@ def build(cfg) -> Bench:
 
 def peak_flops(device, dtype: str, measure_cpu: bool = True) -> tuple[float | None, str]:
     """(peak FLOP/s of one device, where the number comes from): the table, or a measured matmul on CPU."""
-    for kind, (bf16, fp32) in PEAK_FLOPS.items():
-        if kind.lower() in device.device_kind.lower():
-            return (bf16 if dtype == "bfloat16" else fp32), f"table: {kind} {dtype} dense peak"
+    peak, source = peak_of(device.device_kind, dtype)
+    if peak is not None:
+        return peak, source
     if device.platform == "cpu" and measure_cpu:
         return measured_matmul_peak(dtype, device), f"measured: jitted jnp.dot 2048x2048 {dtype} on this host"
     return None, f"unknown device kind {device.device_kind!r}: no peak, no MFU"

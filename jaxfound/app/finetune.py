@@ -26,6 +26,7 @@ from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
 from jaxfound.interop.hf import load_hf_config, read_weights
 from jaxfound.models import TRUNK_KEYS, abstract_params, build_model
+from jaxfound.models.scan import stack_layers
 from jaxfound.sharding import initialize_distributed
 from jaxfound.tasks import resolve_task
 from jaxfound.train.build import build
@@ -35,7 +36,7 @@ from jaxfound.train.loop import Job, finish_run, fit
 
 
 def _pooler(path: Path) -> dict | None:
-    """A transformers BERT's pooler (the sequence-classification head reads [CLS] through it)."""
+    """A transformers BERT's pooler (its sequence-classification head reads [CLS] through it)."""
     raw = read_weights(path)
     w = raw.get("pooler.dense.weight", raw.get("bert.pooler.dense.weight"))
     b = raw.get("pooler.dense.bias", raw.get("bert.pooler.dense.bias"))
@@ -50,7 +51,10 @@ def base_params(run: runs.Run, head: str, labels: list[str]) -> dict:
     if run.model.head == head and run.labels == labels:
         return dict(run.params)
     trunk = {k: v for k, v in run.params.items() if k in TRUNK_KEYS}
-    pooler = _pooler(run.path) if run.kind == "transformers" and head == "seq_cls" else None
+    # a transformers BERT's pooler is what BertForSequenceClassification reads [CLS] through; RoBERTa's classification
+    # head has its own dense layer, which transformers initialises fresh (so does jaxfound)
+    bert = run.model.cfg.arch == "bert"
+    pooler = _pooler(run.path) if run.kind == "transformers" and head == "seq_cls" and bert else None
     return trunk | ({"pooler": pooler} if pooler else {})
 
 
@@ -79,11 +83,13 @@ def load_base(cfg, head: str, labels: list[str]):
         run = runs.require_float(runs.open_run(cfg.model.init, _transformers_head(cfg.model.init, head, labels)),
                                  "fine-tune")
     model_cfg = dataclasses.replace(run.config.model, num_labels=len(labels), dtype=cfg.model.dtype,
-                                    param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, init=cfg.model.init)
+                                    param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                    scan_layers=cfg.model.scan_layers, init=cfg.model.init)
     tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else run.tokenizer
     if tok is None:
         raise JaxfoundError(f"model.init={cfg.model.init} has no tokenizer; set data.tokenizer to a tokenizer dir")
-    return model_cfg, base_params(run, head, labels), tok
+    params = base_params(run, head, labels)  # unrolled: open_run unstacks a scanned run
+    return model_cfg, stack_layers(params, model_cfg.num_layers) if model_cfg.scan_layers else params, tok
 
 
 def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -> dict:

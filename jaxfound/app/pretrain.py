@@ -49,7 +49,14 @@ def pretrain(cfg) -> dict:
     task = get_task(cfg.train.task, cfg.model.arch)
     tokenizer_dir = cfg.data.tokenizer or str(Path(cfg.run.dir) / "tokenizer")
     data = prepare_pretraining(cfg, Path(cfg.run.dir) / "tokenizer")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
+    if model_cfg.arch == "roberta" and data.tokenizer.pad_token_id is not None:  # positions count after the pad id
+        model_cfg = dataclasses.replace(model_cfg, pad_token_id=int(data.tokenizer.pad_token_id))
+        if cfg.data.seq_len + model_cfg.pad_token_id + 1 > model_cfg.max_position:
+            raise JaxfoundError(f"data.seq_len={cfg.data.seq_len}: the tokenizer's pad id is {model_cfg.pad_token_id}, "
+                                f"so RoBERTa needs model.max_position >= seq_len + pad id + 1 = "
+                                f"{cfg.data.seq_len + model_cfg.pad_token_id + 1}")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     model = build_model(cfg.model, task.head)
     training = build(cfg, model, task.loss, cfg.data.seq_len, cfg.train.schedule_steps or cfg.train.steps)
     evaluate = make_pretrain_evaluate(model, task, training.mesh, training.shardings.params, data.valid,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxfound.data.tokenizer import pretokenized_words
 from jaxfound.errors import JaxfoundError
 
 IGNORE = -100
@@ -92,7 +93,8 @@ def encode_words(sentences_words, sentence_label_ids, tokenizer, seq_len: int, s
     cls_id, sep_id, _ = special_ids(tokenizer)
     width = seq_len - 2
     stride = stride or max(1, width // 2)
-    enc = tokenizer([list(w) for w in sentences_words], is_split_into_words=True, add_special_tokens=False)
+    enc = tokenizer(pretokenized_words(tokenizer, sentences_words), is_split_into_words=True,
+                    add_special_tokens=False)
     out = Windows([], [], [], [], np.zeros(0, np.int64), np.array([len(w) for w in sentences_words], np.int64), 0, 0)
     sent_of = []
     for i, words in enumerate(sentences_words):

@@ -47,7 +47,7 @@ def prepare_pretraining(cfg, tokenizer_dir: str | Path) -> PretrainData:
     if vocab_size < len(tokenizer):
         raise JaxfoundError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 
-    if cfg.model.arch == "bert":
+    if cfg.model.arch in ("bert", "roberta"):  # encoders: [CLS] ... [SEP] / <s> ... </s> per document
         token_lists = tokenizer(docs, add_special_tokens=True)["input_ids"]
     else:
         eos = tokenizer.eos_token_id

@@ -1,7 +1,9 @@
-"""Tokenizers: a local Hugging Face directory, or trained on the corpus (WordPiece for BERT, byte-level BPE for GPT)."""
+"""Tokenizers: a local Hugging Face directory, or trained on the corpus (WordPiece for BERT, byte-level BPE for GPT,
+RoBERTa and Llama)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -10,6 +12,7 @@ from jaxfound.errors import JaxfoundError
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 GPT_SPECIALS = ["<|endoftext|>"]
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4: pad 1 as its positions expect
 
 
 def load_tokenizer(path: str):
@@ -43,16 +46,49 @@ def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                        sep_token="[SEP]", mask_token="[MASK]")
     else:
+        specials = ROBERTA_SPECIALS if arch == "roberta" else GPT_SPECIALS
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GPT_SPECIALS, show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(docs, trainer)
+    if arch == "roberta":  # <s> A </s> (pair: <s> A </s></s> B </s>), saved as transformers' RobertaTokenizer
+        from transformers import RobertaTokenizerFast
+
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                          add_prefix_space=False)
+        fast = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                    add_prefix_space=False)
+    elif arch != "bert":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(out_dir)
     return fast
+
+
+def _byte_level_without_prefix_space(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = backend.pre_tokenizer if backend is not None else None
+    if pre is None:
+        return False
+    state = json.loads(pre.__getstate__())
+    levels = [p for p in [state, *state.get("pretokenizers", [])] if p.get("type") == "ByteLevel"]
+    return bool(levels) and not any(p.get("add_prefix_space") for p in levels)
+
+
+def pretokenized_words(tokenizer, sentences_words) -> list[list[str]]:
+    """Words as a word-level caller hands them to ``tokenizer(..., is_split_into_words=True)``.
+
+    A byte-level BPE tokenizer (RoBERTa, GPT-2, the Llama family) marks a word's leading space inside its first
+    piece ('Ġrejects'); given words one by one without ``add_prefix_space`` it would see none and split every word as
+    if it started a text ('rej', 'ect', 's'), pieces it rarely saw in training. Each word gets the space it has inside
+    running text, as transformers' ``add_prefix_space=True`` does; other tokenizers take the words unchanged.
+    """
+    if _byte_level_without_prefix_space(tokenizer):
+        return [[" " + w for w in words] for words in sentences_words]
+    return [list(words) for words in sentences_words]
 
 
 def padded_vocab(num_tokens: int, multiple: int = 128) -> int:

@@ -19,6 +19,7 @@ import jax
 
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion.merge import split_trunk
+from jaxfound.models import scan
 
 GRAPH_FILE = "graph.json"
 FORMAT = "jaxfound-graph/1"
@@ -188,7 +189,10 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def trunk_signature(params) -> str:
-    """sha256 of the trunk's (path, shape, dtype) list: equal signatures mean the trunks can be merged."""
+    """sha256 of the trunk's (path, shape, dtype) list: equal signatures mean the trunks can be merged. A scanned
+    trunk (model.scan_layers) is described unrolled, so both layouts of one model have one signature."""
+    if scan.is_scanned(params):
+        params = jax.eval_shape(scan.unstack_layers, params)
     key, trunk, _ = split_trunk(params)
     spec = [(jax.tree_util.keystr(p), list(x.shape), str(x.dtype))
             for p, x in jax.tree_util.tree_flatten_with_path(trunk)[0]]

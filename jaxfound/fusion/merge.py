@@ -56,7 +56,15 @@ def check_compatible(trees: Sequence[Params], names: Sequence[str] | None = None
     if len(names) != len(trees):
         raise JaxfoundError(f"names: got {len(names)} names for {len(trees)} models; give one name per model")
     ref = _flat(trees[0])
+    ref_trunk = [k for k in TRUNK_KEYS if k in trees[0]]
     for name, tree in zip(names[1:], trees[1:]):
+        trunk = [k for k in TRUNK_KEYS if k in tree]
+        if trunk and ref_trunk and trunk != ref_trunk:
+            raise JaxfoundError(
+                f"{name} is a '{trunk[0]}' model but {names[0]} is a '{ref_trunk[0]}' model: different "
+                "architectures never merge (their parameters mean different things even where shapes agree, e.g. "
+                "RoBERTa's positions start after the pad id and it has one token type); merge fine-tunes of one base"
+            )
         leaves = _flat(tree)
         for path, leaf in ref.items():
             if path not in leaves:

@@ -143,14 +143,15 @@ def _exclusion(g: ig.Graph, v: ig.Vertex, base_v: ig.Vertex, base: str) -> str |
         return f"quantized ({graph.attr(v, 'quantization')}): no float trunk to merge"
     if graph.out_edges(g, v, ["merged_from"]):
         return "an earlier merge: its sources are considered themselves"
+    if graph.attr(v, "arch") != graph.attr(base_v, "arch"):  # first: no lineage makes two architectures merge
+        return (f"architecture '{graph.attr(v, 'arch')}' differs from the base's '{graph.attr(base_v, 'arch')}' "
+                "(different architectures never merge)")
     root = graph.root_model(g, name)
     if root != base:
         other = f"another base: descends from '{root}', not '{base}'" if root else "merged across several bases"
         if graph.attr(v, "signature") != graph.attr(base_v, "signature"):
             other += " (and another trunk signature: another size or vocabulary)"
         return other
-    if graph.attr(v, "arch") != graph.attr(base_v, "arch"):
-        return f"architecture '{graph.attr(v, 'arch')}' differs from the base's '{graph.attr(base_v, 'arch')}'"
     if graph.attr(v, "signature") != graph.attr(base_v, "signature"):
         sig, want = graph.attr(v, "signature") or "none", graph.attr(base_v, "signature") or "none"
         return f"trunk signature {sig[:12]} differs from the base's {want[:12]} (another size or vocabulary)"

@@ -1,12 +1,14 @@
-"""Hugging Face transformers <-> jaxfound: load a local BERT / GPT-2 / Llama-family directory (or a llama.cpp GGUF
-file), save one transformers loads unchanged.
+"""Hugging Face transformers <-> jaxfound: load a local BERT / RoBERTa / GPT-2 / Llama-family directory (or a
+llama.cpp GGUF file), save one transformers loads unchanged.
 
     model, params = from_pretrained("path/to/hf_dir")          # head from config.json "architectures"
     model, params = from_pretrained("SmolLM2-135M.gguf")       # GGUF: dequantised to float32 (interop.gguf)
     info = load_hf_config("path/to/hf_dir")                     # ModelConfig, head, id2label
     save_pretrained("out_dir", model, params, tokenizer=tok, id2label={0: "O", 1: "B-PER"})
 
-Llama, Mistral, Qwen2 and Qwen3 (model_type llama / mistral / qwen2 / qwen3) all load into jaxfound's Llama decoder.
+Llama, Mistral, Qwen2 and Qwen3 (model_type llama / mistral / qwen2 / qwen3) all load into jaxfound's Llama decoder;
+RoBERTa and XLM-RoBERTa (model_type roberta / xlm-roberta: the same modelling code and weight names in transformers)
+into the BERT encoder's RoBERTa variant, saved back as model_type roberta.
 Weights are read from ``model.safetensors`` (or its sharded index); ``pytorch_model.bin`` only through
 ``torch.load(weights_only=True)``, so nothing is ever unpickled. torch kernels are (out, in), ours (in, out);
 GPT-2's Conv1D already is (in, out) and its fused ``c_attn`` is split into query / key / value.
@@ -32,9 +34,11 @@ from jaxfound.errors import JaxfoundError
 from jaxfound.interop.gguf import read_gguf, read_gguf_config
 from jaxfound.models import abstract_params, build_model
 from jaxfound.models.llama import head_dims
+from jaxfound.models.scan import unstack_layers
 
 # model_type -> jaxfound arch
-MODEL_TYPES = {"bert": "bert", "gpt2": "gpt", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+MODEL_TYPES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "gpt2": "gpt", "llama": "llama",
+               "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
 LLAMA_CLASSES = {"none": "Model", "lm": "ForCausalLM", "token_cls": "ForTokenClassification",
                  "seq_cls": "ForSequenceClassification"}
 # (model_type, head) -> transformers class
@@ -43,6 +47,10 @@ CLASS_FOR = {
     ("bert", "mlm"): "BertForMaskedLM",
     ("bert", "token_cls"): "BertForTokenClassification",
     ("bert", "seq_cls"): "BertForSequenceClassification",
+    **{(model_type, head): family + suffix
+       for model_type, family in (("roberta", "Roberta"), ("xlm-roberta", "XLMRoberta"))
+       for head, suffix in (("none", "Model"), ("mlm", "ForMaskedLM"), ("token_cls", "ForTokenClassification"),
+                            ("seq_cls", "ForSequenceClassification"))},
     ("gpt2", "none"): "GPT2Model",
     ("gpt2", "lm"): "GPT2LMHeadModel",
     ("gpt2", "token_cls"): "GPT2ForTokenClassification",
@@ -54,10 +62,12 @@ CLASS_FOR = {
 CLASS_MODEL_TYPE = {cls: model_type for (model_type, _), cls in CLASS_FOR.items()}
 # transformers class -> (jaxfound arch, head)
 ARCHITECTURES = {cls: (MODEL_TYPES[model_type], head) for (model_type, head), cls in CLASS_FOR.items()}
-HEADS = {"bert": ("none", "mlm", "token_cls", "seq_cls"), "gpt": ("none", "lm", "token_cls", "seq_cls"),
+HEADS = {"bert": ("none", "mlm", "token_cls", "seq_cls"), "roberta": ("none", "mlm", "token_cls", "seq_cls"),
+         "gpt": ("none", "lm", "token_cls", "seq_cls"),
          "llama": ("none", "lm", "token_cls", "seq_cls")}
-TRUNK_PREFIX = {"bert": "bert.", "gpt": "transformer.", "llama": "model."}
-WORD_EMBEDDING = {"bert": "embeddings.word_embeddings.weight", "gpt": "wte.weight", "llama": "embed_tokens.weight"}
+TRUNK_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt": "transformer.", "llama": "model."}
+WORD_EMBEDDING = {"bert": "embeddings.word_embeddings.weight", "roberta": "embeddings.word_embeddings.weight",
+                  "gpt": "wte.weight", "llama": "embed_tokens.weight"}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
                   "relu": "relu"}
 TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}
@@ -66,8 +76,8 @@ MISTRAL_WINDOW = 4096  # MistralConfig's sliding_window when config.json has non
 MAX_POSITION = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}  # transformers' defaults
 # checkpoint entries that carry no information for jaxfound: buffers, tied copies, heads we do not build
 HARMLESS = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$"
-                      r"|^pooler\.|^cls\.seq_relationship\.|^cls\.predictions\.decoder\.bias$")
-TIED_COPIES = ("cls.predictions.decoder.weight", "lm_head.weight")
+                      r"|^pooler\.|^cls\.seq_relationship\.|^cls\.predictions\.decoder\.bias$|^lm_head\.decoder\.bias$")
+TIED_COPIES = ("cls.predictions.decoder.weight", "lm_head.weight", "lm_head.decoder.weight")
 
 
 @dataclass(frozen=True)
@@ -108,21 +118,25 @@ def _activation(name: str, source: str, key: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
-def _bert_config(hf: dict, source: str, common: dict) -> ModelConfig:
+def _bert_config(hf: dict, source: str, common: dict, arch: str = "bert") -> ModelConfig:
+    """BERT, or RoBERTa (arch 'roberta': one token type and 514 positions by default, positions after pad_token_id)."""
+    roberta = arch == "roberta"
+    pad = hf.get("pad_token_id")
+    extra = {"pad_token_id": 1 if pad is None else int(pad)} if roberta else {}
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise JaxfoundError(f"{source}: position_embedding_type {hf['position_embedding_type']!r} not supported; "
                             "only 'absolute'")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         raise JaxfoundError(f"{source}: is_decoder / add_cross_attention must be false for a BERT encoder")
     return ModelConfig(
-        arch="bert", hidden_size=int(_get(hf, source, "hidden_size")),
+        arch=arch, hidden_size=int(_get(hf, source, "hidden_size")),
         num_layers=int(_get(hf, source, "num_hidden_layers")), num_heads=int(_get(hf, source, "num_attention_heads")),
         intermediate_size=int(_get(hf, source, "intermediate_size")),
-        max_position=int(_get(hf, source, "max_position_embeddings", default=512)),
-        type_vocab_size=int(_get(hf, source, "type_vocab_size", default=2)),
+        max_position=int(_get(hf, source, "max_position_embeddings", default=514 if roberta else 512)),
+        type_vocab_size=int(_get(hf, source, "type_vocab_size", default=1 if roberta else 2)),
         dropout=float(_get(hf, source, "hidden_dropout_prob", default=0.1)),
         layer_norm_eps=float(_get(hf, source, "layer_norm_eps", default=1e-12)),
-        activation=_activation(_get(hf, source, "hidden_act", default="gelu"), source, "hidden_act"), **common)
+        activation=_activation(_get(hf, source, "hidden_act", default="gelu"), source, "hidden_act"), **extra, **common)
 
 
 def _gpt_config(hf: dict, source: str, common: dict) -> ModelConfig:
@@ -240,8 +254,11 @@ def hf_config_from_dict(hf: dict, source: str, head: str | None = None) -> HFCon
                   num_labels=num_labels if head in ("token_cls", "seq_cls") else 0)
     if arch == "llama":
         cfg = _llama_config(hf, source, model_type, common)
+    elif arch == "gpt":
+        cfg = _gpt_config(hf, source, common)
     else:
-        cfg = (_bert_config if arch == "bert" else _gpt_config)(hf, source, common)
+        cfg = _bert_config(hf, source, common, arch)
+    if arch != "llama":
         if cfg.hidden_size % cfg.num_heads:
             raise JaxfoundError(f"{source}: hidden size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
     return HFConfig(cfg, head, CLASS_FOR[(model_type, head)], id2label, hf.get("pad_token_id"))
@@ -273,7 +290,8 @@ def _ln(hf: str, ours: tuple):
 
 
 def _bert_entries(cfg: ModelConfig, head: str):
-    t = ("bert",)
+    """BERT's names, or RoBERTa's (the same trunk; heads lm_head / classifier.dense + classifier.out_proj)."""
+    t = (cfg.arch,)
     out = [("embeddings.word_embeddings.weight", (t + ("word", "embedding"),), "copy"),
            ("embeddings.position_embeddings.weight", (t + ("position", "embedding"),), "copy"),
            ("embeddings.token_type_embeddings.weight", (t + ("token_type", "embedding"),), "copy"),
@@ -287,6 +305,15 @@ def _bert_entries(cfg: ModelConfig, head: str):
         out += _linear(f"{hf}intermediate.dense", ours + ("mlp", "up"))
         out += _linear(f"{hf}output.dense", ours + ("mlp", "down"))
         out += _ln(f"{hf}output.LayerNorm", ours + ("mlp_ln",))
+    if cfg.arch == "roberta":
+        if head == "mlm":
+            out += _linear("lm_head.dense", ("transform",)) + _ln("lm_head.layer_norm", ("transform_ln",))
+            out += [("lm_head.bias", (("mlm_bias",),), "copy")]
+        if head == "seq_cls":
+            out += _linear("classifier.dense", ("pooler",)) + _linear("classifier.out_proj", ("classifier",))
+        if head == "token_cls":
+            out += _linear("classifier", ("classifier",))
+        return out
     if head == "mlm":
         out += _linear("cls.predictions.transform.dense", ("transform",))
         out += _ln("cls.predictions.transform.LayerNorm", ("transform_ln",))
@@ -354,7 +381,7 @@ def _entries(cfg: ModelConfig, head: str, model_type: str):
     """
     if cfg.arch == "llama":
         return _llama_entries(cfg, head, model_type)
-    return (_bert_entries if cfg.arch == "bert" else _gpt_entries)(cfg, head)
+    return (_gpt_entries if cfg.arch == "gpt" else _bert_entries)(cfg, head)
 
 
 def _normalise(name: str, arch: str) -> str:
@@ -521,7 +548,7 @@ def from_pretrained(path, head: str | None = None):
 def model_type_of(cfg: ModelConfig) -> str:
     """The transformers model_type that holds a jaxfound config: a Llama-family one by its distinguishing feature."""
     if cfg.arch != "llama":
-        return {"bert": "bert", "gpt": "gpt2"}[cfg.arch]
+        return {"bert": "bert", "roberta": "roberta", "gpt": "gpt2"}[cfg.arch]
     if cfg.qk_norm:
         return "qwen3"
     if cfg.attention_bias:
@@ -565,14 +592,17 @@ def _hf_config(cfg: ModelConfig, head: str, id2label: dict[int, str], tokenizer)
     tok = _token_ids(tokenizer)
     model_type = model_type_of(cfg)
     out = {"architectures": [CLASS_FOR[(model_type, head)]], "vocab_size": cfg.vocab_size, "torch_dtype": "float32"}
-    if cfg.arch == "bert":
-        out |= {"model_type": "bert", "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+    if cfg.arch in ("bert", "roberta"):
+        out |= {"model_type": model_type, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
                 "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
                 "hidden_act": TO_HF_ACTIVATION[cfg.activation], "hidden_dropout_prob": cfg.dropout,
                 "attention_probs_dropout_prob": 0.0,  # jaxfound applies no attention-probability dropout
                 "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
                 "layer_norm_eps": cfg.layer_norm_eps, "initializer_range": 0.02,
                 "position_embedding_type": "absolute", "pad_token_id": tok["pad_token_id"] or 0}
+        if cfg.arch == "roberta":  # its positions are counted from the model's pad id, whatever the tokenizer says
+            out |= {"pad_token_id": cfg.pad_token_id, "bos_token_id": tok["bos_token_id"],
+                    "eos_token_id": tok["eos_token_id"]}
     elif cfg.arch == "gpt":
         out |= {"model_type": "gpt2", "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
                 "n_inner": cfg.intermediate_size, "n_positions": cfg.max_position,
@@ -635,6 +665,7 @@ def save_pretrained(path, model, params, tokenizer=None, id2label=None, max_shar
     none) and pool the last token that is not ``pad_token_id``: pass the tokenizer so config.json records it.
     A Llama-family model is saved as Qwen3 when it has qk_norm, Qwen2 when it has attention_bias, Mistral when it
     has a sliding window, else Llama, with a generation_config.json of the tokenizer's bos / eos / pad ids.
+    Params of a scanned model (model.scan_layers) are unstacked first: the same files as the unrolled model's.
     """
 
     cfg, head = model.cfg, model.head
@@ -647,8 +678,8 @@ def save_pretrained(path, model, params, tokenizer=None, id2label=None, max_shar
         raise JaxfoundError(f"max_shard_bytes is {max_shard_bytes!r}; give a positive number of bytes or None")
     cls = CLASS_FOR[(model_type, head)]
     params = jax.device_get(nn.unbox(params))
-    params = params.get("params", params)
-    if head == "seq_cls" and cfg.arch != "bert" and np.any(np.asarray(params["classifier"]["bias"]) != 0):
+    params = unstack_layers(params.get("params", params))  # a scanned model's trunk: the same tensors per layer
+    if head == "seq_cls" and cfg.arch in ("gpt", "llama") and np.any(np.asarray(params["classifier"]["bias"]) != 0):
         raise JaxfoundError(f"{cls}: param 'classifier/bias' is non-zero, but transformers' score layer has no bias; "
                             "train with a zero bias")
     tensors = {}

@@ -1,4 +1,5 @@
-"""Flax transformer modules: BERT (encoder), GPT-2 and the Llama family (decoders), with their heads; the KV cache."""
+"""Flax transformer modules: BERT and RoBERTa (encoders), GPT-2 and the Llama family (decoders), with their heads;
+the KV cache; scanned layers and the conversion of params between scanned and unrolled layouts (scan.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +8,13 @@ from jaxfound.models.bert import Bert
 from jaxfound.models.gpt import GPT
 from jaxfound.models.llama import Llama
 
-TRUNK_KEYS = ("bert", "gpt", "llama")  # the shared encoder / decoder params; every other top-level key is a task head
+# the shared encoder / decoder params; every other top-level key is a task head
+TRUNK_KEYS = ("bert", "roberta", "gpt", "llama")
 
 
 def build_model(cfg, head: str):
     """The model for an architecture and a head ('none', 'mlm', 'lm', 'token_cls', 'seq_cls')."""
-    return {"bert": Bert, "gpt": GPT, "llama": Llama}[cfg.arch](cfg, head=head)
+    return {"bert": Bert, "roberta": Bert, "gpt": GPT, "llama": Llama}[cfg.arch](cfg, head=head)
 
 
 def abstract_params(model, seq_len: int = 2):

@@ -1,7 +1,16 @@
-"""BERT as in the original: post-LayerNorm encoder, learned positions, token types, GELU.
+"""BERT as in the original: post-LayerNorm encoder, learned positions, token types, GELU; and RoBERTa as its variant.
 
-Params: ``bert`` (the shared trunk) plus one head: ``mlm`` (transform + tied decoder + bias),
+Params: ``bert`` (or ``roberta``: the shared trunk) plus one head: ``mlm`` (transform + tied decoder + bias),
 ``classifier`` (token classification) or ``pooler`` + ``classifier`` (sequence classification).
+With model.scan_layers, layers 0 .. n-2 are one ``layers`` subtree stacked on a leading axis of size n-1
+(models.scan) and the last stays ``layer_{n-1}``: it may compute only the masked rows.
+
+RoBERTa (``cfg.arch == "roberta"``) is the same network with three differences, all here:
+- positions count from ``pad_token_id + 1`` over the non-padding tokens (padding sits at ``pad_token_id``), as
+  transformers' ``create_position_ids_from_input_ids``; one token type;
+- its LM head's activation is always the exact GELU (``RobertaLMHead``), whatever ``activation`` says;
+- its classification head reads ``<s>`` through dropout -> dense -> tanh -> dropout -> out_proj (``pooler`` and
+  ``classifier`` here), where BERT's pooler has no dropout before it.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxfound.models import scan
 from jaxfound.models.layers import (
     ACTIVATIONS,
     DTYPES,
@@ -24,6 +34,14 @@ from jaxfound.models.layers import (
 )
 
 ACT = ("act_batch", "act_len", "act_embed")
+
+
+def position_ids(ids_BxL, cfg):
+    """BERT: 0 .. L-1. RoBERTa: pad_token_id + 1, + 2, ... over the non-padding tokens; padding at pad_token_id."""
+    if cfg.arch != "roberta":
+        return jnp.arange(ids_BxL.shape[1])[None]
+    real_BxL = (ids_BxL != cfg.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real_BxL, axis=1) * real_BxL + cfg.pad_token_id
 
 
 class BertLayer(nn.Module):
@@ -58,21 +76,24 @@ class BertEncoder(nn.Module):
         """output_positions_BxP: the last layer computes only these rows -> (B, P, D) (exact: no later layer
         reads the others; at 15% masking this skips most of the last layer's work)."""
         cfg = self.cfg
-        L = ids_BxL.shape[1]
         if token_type_ids_BxL is None:
             token_type_ids_BxL = jnp.zeros_like(ids_BxL)
         h_BxLxD = (
             Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="word")(ids_BxL)
             + Embed(cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position")(
-                jnp.arange(L)[None])
+                position_ids(ids_BxL, cfg))
             + Embed(cfg.type_vocab_size, cfg.hidden_size, ("types", "embed"), cfg.dtype, cfg.param_dtype,
                     name="token_type")(token_type_ids_BxL)
         )
         h_BxLxD = layer_norm(cfg, "embed_ln")(h_BxLxD)
         h_BxLxD = constrain(Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
         mask = attention_mask(attention_mask_BxL, segment_ids_BxL)
-        block = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
-        for i in range(cfg.num_layers):
+        block = scan.checkpointed(BertLayer, cfg, static_argnums=(3,))
+        scanned = scan.num_scanned(cfg.arch, cfg.num_layers) if cfg.scan_layers else 0
+        if scanned:  # layers 0 .. n-2 as one scan; the last may compute fewer rows, so it stays its own module
+            h_BxLxD, _ = scan.scanned_blocks(BertLayer, cfg, scanned, (3,), 2, scan.STACKED)(h_BxLxD, mask,
+                                                                                               deterministic)
+        for i in range(scanned, cfg.num_layers):
             last = i == cfg.num_layers - 1
             h_BxLxD = block(cfg, name=f"layer_{i}")(h_BxLxD, mask, deterministic,
                                                      output_positions_BxP if last else None)
@@ -80,7 +101,7 @@ class BertEncoder(nn.Module):
 
 
 class Bert(nn.Module):
-    """BERT with a head: 'none' (hidden states), 'mlm', 'token_cls' or 'seq_cls' (logits)."""
+    """BERT (or RoBERTa) with a head: 'none' (hidden states), 'mlm', 'token_cls' or 'seq_cls' (logits)."""
 
     cfg: object
     head: str = "mlm"
@@ -90,13 +111,15 @@ class Bert(nn.Module):
                  masked_positions=None, deterministic: bool = True):
         """masked_positions (B, P): MLM logits only at those positions (B, P, V), else at all (B, L, V)."""
         cfg = self.cfg
-        encoder = BertEncoder(cfg, name="bert")
+        roberta = cfg.arch == "roberta"
+        encoder = BertEncoder(cfg, name=cfg.arch)
         mlm_positions = masked_positions if self.head == "mlm" else None
         h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic, mlm_positions)
         if self.head == "none":
             return h_BxLxD
         if self.head == "mlm":  # with masked_positions, h is already (B, P, D)
-            x = ACTIVATIONS[cfg.activation](dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(h_BxLxD))
+            act = ACTIVATIONS["gelu" if roberta else cfg.activation]
+            x = act(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(h_BxLxD))
             x = layer_norm(cfg, "transform_ln")(x)
             logits = tied_logits(x, encoder.variables["params"]["word"]["embedding"], cfg)
             bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
@@ -107,7 +130,8 @@ class Bert(nn.Module):
             h_BxLxD = drop(h_BxLxD, deterministic=deterministic)
             return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(h_BxLxD).astype(jnp.float32)
         if self.head == "seq_cls":
-            pooled_BxD = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(h_BxLxD[:, 0]))
+            first_BxD = drop(h_BxLxD[:, 0], deterministic=deterministic) if roberta else h_BxLxD[:, 0]
+            pooled_BxD = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", "mlp"), "pooler")(first_BxD))
             pooled_BxD = drop(pooled_BxD, deterministic=deterministic)
             return dense(cfg, cfg.num_labels, ("embed", "labels"), "classifier")(pooled_BxD).astype(jnp.float32)
         raise ValueError(f"unknown BERT head {self.head!r}")

@@ -1,7 +1,9 @@
 """GPT-2: pre-LayerNorm causal decoder with learned positions and a tied LM head.
 
-Params: ``gpt`` (the trunk: word/position embeddings, layers, final LayerNorm); the LM head is tied
-to the word embeddings; ``classifier`` for token / sequence classification heads.
+Params: ``gpt`` (the trunk: word/position embeddings, layer_i, final LayerNorm); the LM head is tied
+to the word embeddings; ``classifier`` for token / sequence classification heads. With model.scan_layers the layers
+are one ``layers`` subtree stacked on a leading axis of size num_layers (models.scan); a KV cache then needs the
+unrolled layout.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxfound.models import cache as kv_cache
-from jaxfound.models import layers
+from jaxfound.models import layers, scan
 
 ACT = ("act_batch", "act_len", "act_embed")
 
@@ -48,7 +50,13 @@ class GPTDecoder(nn.Module):
         )(positions)
         h_BxLxD = layers.constrain(layers.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic), ACT)
         mask = layers.attention_mask(attention_mask_BxL, segment_ids_BxL)
-        block = nn.remat(GPTBlock, static_argnums=(3,)) if cfg.remat else GPTBlock
+        if cfg.scan_layers:
+            if cache is not None:
+                raise ValueError(scan.CACHE_NEEDS_UNROLLED)
+            h_BxLxD, _ = scan.scanned_blocks(GPTBlock, cfg, cfg.num_layers, (3,), 2, scan.STACKED)(
+                h_BxLxD, mask, deterministic)
+            return layers.layer_norm(cfg, "ln_f")(h_BxLxD)
+        block = scan.checkpointed(GPTBlock, cfg, static_argnums=(3,))
         new_cache = {}
         for i in range(cfg.num_layers):
             name = f"layer_{i}"

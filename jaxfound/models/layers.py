@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfound.models import cache as kv_cache
+from jaxfound.models.attention import attention  # noqa: F401  (layers.attention: the models' one entry point)
 from jaxfound.quant.int8 import quantized_dot
 from jaxfound.sharding import constrain  # noqa: F401  (re-exported for bert.py / gpt.py)
 
@@ -164,39 +165,6 @@ def attention_mask(attention_mask_BxL=None, segment_ids_BxL=None):
     return None
 
 
-def attention(q_BxQxNxH, k_BxLxKxH, v_BxLxKxH, mask=None, causal: bool = False):
-    """softmax(q k^T / sqrt(H), masked) v per head: jax.nn.dot_product_attention's XLA path, written out.
-
-    Grouped-query attention when the keys have K < N heads: query head n reads key/value head n // (N / K)
-    (transformers' repeat_kv order), without copying the keys. Logits and softmax in float32 whatever the compute
-    dtype; masked logits get a large negative value (rows that mask every key are the caller's to avoid). The scale
-    is applied to q (Q x H) rather than to the logits (Q x L). Written out because XLA:CPU runs this form faster
-    than the library's grouped-query vmap (same math).
-    mask: bool, broadcastable to (B, 1, Q, L), or None; causal: also mask keys after the query (Q == L).
-    """
-    B, Q, N, H = q_BxQxNxH.shape
-    K = k_BxLxKxH.shape[2]
-    q_BxQxNxH = q_BxQxNxH * jnp.asarray(H ** -0.5, q_BxQxNxH.dtype)
-    if causal:
-        L = k_BxLxKxH.shape[1]
-        tril_QxL = jnp.tril(jnp.ones((Q, L), bool))
-        mask = tril_QxL if mask is None else mask & tril_QxL
-    neg = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    if K == N:
-        logits_BxNxQxL = jnp.einsum("bqnh,blnh->bnql", q_BxQxNxH, k_BxLxKxH, preferred_element_type=jnp.float32)
-        if mask is not None:
-            logits_BxNxQxL = jnp.where(mask, logits_BxNxQxL, neg)
-        probs_BxNxQxL = jax.nn.softmax(logits_BxNxQxL, axis=-1).astype(v_BxLxKxH.dtype)
-        return jnp.einsum("bnql,blnh->bqnh", probs_BxNxQxL, v_BxLxKxH)
-    q_BxQxKxGxH = q_BxQxNxH.reshape(B, Q, K, N // K, H)
-    logits = jnp.einsum("bqkgh,blkh->bkgql", q_BxQxKxGxH, k_BxLxKxH, preferred_element_type=jnp.float32)
-    if mask is not None:
-        mask = mask[:, :, None] if mask.ndim == 4 else mask  # (B, 1, Q|1, L) -> (B, 1, 1, Q|1, L)
-        logits = jnp.where(mask, logits, neg)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxKxH.dtype)
-    return jnp.einsum("bkgql,blkh->bqkgh", probs, v_BxLxKxH).reshape(B, Q, N, H)
-
-
 def rms_norm(cfg, name, axes=("norm",)):
     """RMSNorm as transformers' Llama computes it: in float32, scaled by the weight in the compute dtype."""
     return RMSNorm(cfg.layer_norm_eps, cfg.dtype, cfg.param_dtype, axes, name=name)
@@ -268,7 +236,7 @@ class SelfAttention(nn.Module):
             mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[2])
             out_BxQxNxH = kv_cache.attend(q_BxQxNxH, cache, mask)
         else:  # no cache, or a fresh one's prefill (index_B None): the new tokens attend among themselves
-            out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal)
+            out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal, impl=cfg.attention)
         out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))
         return out_BxQxD if cache is None else (out_BxQxD, cache)
 

@@ -6,7 +6,8 @@ RMSNorm before attention and MLP, rotary positions (default, linear or llama3 sc
 
 Params: ``llama`` (the trunk: word embedding, layer_i/{input_norm, attention/{query, key, value, out, q_norm,
 k_norm}, post_attention_norm, mlp/{gate, up, down}}, norm), ``lm_head`` when untied, ``classifier`` for the
-token / sequence classification heads.
+token / sequence classification heads. With model.scan_layers the layers are one ``layers`` subtree, every leaf
+stacked on a leading axis of size num_layers (models.scan); a KV cache then needs the unrolled layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxfound.models import cache as kv_cache
-from jaxfound.models import layers
+from jaxfound.models import layers, scan
 
 ACT = ("act_batch", "act_len", "act_embed")
 
@@ -51,7 +52,9 @@ class LlamaAttention(nn.Module):
             mask = kv_cache.visible(positions_BxL, cache["k"].shape[2], cfg.sliding_window)
             out_BxLxNxH = kv_cache.attend(q_BxLxNxH, cache, mask)
         else:  # training, or a fresh cache's prefill: the new tokens attend among themselves
-            out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask)
+            # the mask already holds causal order and the window; they are repeated for kernels that need them
+            out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, True, impl=cfg.attention,
+                                           window=cfg.sliding_window)
         out_BxLxD = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "out", use_bias=False)(
             out_BxLxNxH.reshape(B, L, N * H))
         return out_BxLxD if cache is None else (out_BxLxD, cache)
@@ -115,7 +118,13 @@ class LlamaDecoder(nn.Module):
             positions_BxL, mask = kv_cache.positions(None, L), _training_mask(None, None, L, cfg.sliding_window)
         else:
             positions_BxL, mask = kv_cache.positions(index_B, L), None
-        block = nn.remat(LlamaBlock, static_argnums=(4,)) if cfg.remat else LlamaBlock
+        if cfg.scan_layers:
+            if cache is not None:
+                raise ValueError(scan.CACHE_NEEDS_UNROLLED)
+            h_BxLxD, _ = scan.scanned_blocks(LlamaBlock, cfg, cfg.num_layers, (4,), 3, scan.STACKED)(
+                h_BxLxD, mask, positions_BxL, deterministic)
+            return layers.rms_norm(cfg, "norm")(h_BxLxD)
+        block = scan.checkpointed(LlamaBlock, cfg, static_argnums=(4,))
         new_cache = {}
         for i in range(cfg.num_layers):
             name = f"layer_{i}"

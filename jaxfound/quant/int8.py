@@ -4,8 +4,8 @@ A kernel w (in, out) is stored as q int8 in [-127, 127] and scale float32 (out,)
 'w8' dequantizes the kernel to the compute dtype and does one float matmul (on CPU this is as fast as
 float32 and faster than scaling the (tokens, out) product: the kernel is smaller than the activations).
 'w8a8' quantizes each token's activations on the fly and multiplies int8 x int8 -> int32 with
-``lax.dot_general``, then rescales by (token scale x channel scale) in one multiply. On an x86-64 CPU with
-AVX-512 VNNI the same computation runs as one native kernel (``quant.kernel``: XLA:CPU's int8 dot is no
+``lax.dot_general``, then rescales by (token scale x channel scale) in one multiply. On an x86-64 CPU the
+same computation runs as one native kernel (``quant.kernel``: AVX-512 VNNI or AVX2; XLA:CPU's int8 dot is no
 faster than its float32 one); elsewhere, and on GPU / TPU, as these XLA ops.
 """
 

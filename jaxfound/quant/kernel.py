@@ -1,15 +1,24 @@
-"""The W8A8 Dense as a native CPU kernel (AVX-512 VNNI), built on first use and called through jax.ffi.
+"""The W8A8 Dense as a native CPU kernel, built on first use and called through jax.ffi.
 
 XLA:CPU's int8 x int8 -> int32 dot runs no faster than its float32 dot (benchmarks/int8_matmul.py), so w8a8
-on CPU gained nothing from int8. ``int8_dense.cc`` is a small VNNI GEMM that also fuses the per-token
-activation quantization and the rescale; it computes the same numbers as the XLA path in
-``int8.quantized_dot`` (tests/test_quant_kernel.py compares them).
+on CPU gained nothing from int8. Two native paths compute the same numbers as the XLA path in
+``int8.quantized_dot`` (per-token activation quantization, int8 GEMM, rescale, fused in one call;
+tests/test_quant_kernel.py checks each against an integer reference and against XLA):
 
-The shared library is compiled with the system C++ compiler into a cache directory ($JAXFOUND_CACHE, else
-$XDG_CACHE_HOME/jaxfound, else ~/.cache/jaxfound) keyed by the source, the jaxlib version and the flags.
-Where it cannot be used -- not x86-64 Linux, no AVX-512 VNNI, no compiler, a failed build, or
-JAXFOUND_INT8_KERNEL=0 -- ``available()`` says why once (a warning) and w8a8 stays on the XLA path;
-on GPU and TPU the XLA path is always used (``lax.platform_dependent``).
+  avx512_vnni  ``int8_dense.cc``: vpdpbusd, for CPUs with avx512f/bw/vl/dq and avx512_vnni.
+  avx2         ``int8_dense_avx2.cc``: vpmaddwd on int16, for CPUs with avx2 and fma.
+
+The path is chosen at run time from /proc/cpuinfo: the first path of ``DEFAULT_ORDER`` the CPU supports,
+unless ``NOT_DEFAULT`` holds it back (with the measured reason). $JAXFOUND_INT8_KERNEL overrides the
+choice: ``0`` keeps w8a8 on XLA ops, ``avx512_vnni`` or ``avx2`` asks for that path (e.g. to run the AVX2
+path on an AVX-512 machine), ``auto`` (the default) chooses. ``load(name)`` builds any supported path
+whatever the default, for tests and benchmarks.
+
+Each path is compiled with its own flags by the system C++ compiler into its own shared library in a cache
+directory ($JAXFOUND_CACHE, else $XDG_CACHE_HOME/jaxfound, else ~/.cache/jaxfound), keyed by the source, the
+jaxlib version, the flags and the compiler. Where no path can be used -- not x86-64 Linux, a CPU without the
+instructions, no compiler, a failed build, or JAXFOUND_INT8_KERNEL=0 -- ``available()`` says why once (a
+warning) and w8a8 stays on the XLA path; on GPU and TPU the XLA path is always used (``lax.platform_dependent``).
 """
 
 from __future__ import annotations
@@ -23,19 +32,48 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 
+from jaxfound.errors import JaxfoundError
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_dense.cc")
-TARGET = "jaxfound_w8a8_dense"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-         "-mavx512vnni"]
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """One native implementation: its source, compiler flags, the /proc/cpuinfo flags it needs, its FFI names."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    target: str  # the XLA FFI target it is registered as
+    symbol: str  # the handler symbol in the shared library
+
+
+_HERE = Path(__file__).parent
+PATHS = {
+    "avx512_vnni": KernelPath(
+        "avx512_vnni", _HERE / "int8_dense.cc",
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), "jaxfound_w8a8_dense", "JaxfoundW8A8Dense"),
+    "avx2": KernelPath(
+        "avx2", _HERE / "int8_dense_avx2.cc", ("-mavx2", "-mfma"), ("avx2", "fma"),
+        "jaxfound_w8a8_dense_avx2", "JaxfoundW8A8DenseAvx2"),
+}
+DEFAULT_ORDER = ("avx512_vnni", "avx2")
+# Paths that w8a8 does not use unless $JAXFOUND_INT8_KERNEL names them, with the measured reason. None now:
+# on a 2-core AVX2 EPYC the avx2 path beat XLA's w8a8 ops at all 12 NER shapes, 1.02x-2.7x, geomean 1.5x
+# (M 1..1024, K x N 384x384 / 384x1536 / 1536x384; benchmarks/results/int8_matmul_avx2.json).
+NOT_DEFAULT: dict[str, str] = {}
+ENV = "JAXFOUND_INT8_KERNEL"
 
 
 def cache_dir() -> Path:
@@ -45,23 +83,27 @@ def cache_dir() -> Path:
     return Path(base) / "jaxfound"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def _why_unavailable() -> str | None:
-    if os.environ.get("JAXFOUND_INT8_KERNEL", "1") == "0":
-        return "disabled by JAXFOUND_INT8_KERNEL=0"
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def why_unsupported(name: str) -> str | None:
+    """Why this machine cannot run path ``name`` (None: it can, given that the build succeeds)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
-    missing = [f for f in NEEDED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in PATHS[name].cpu_flags if f not in _cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     if not _compiler():
@@ -69,25 +111,41 @@ def _why_unavailable() -> str | None:
     return None
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+def choose() -> tuple[str | None, str]:
+    """(the path w8a8 should use, or None; why) from $JAXFOUND_INT8_KERNEL and the CPU's flags."""
+    asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if asked == "0":
+        return None, f"disabled by {ENV}=0"
+    if asked in PATHS:
+        reason = why_unsupported(asked)
+        return (None, f"{ENV}={asked} but {reason}") if reason else (asked, f"asked for by {ENV}={asked}")
+    if asked not in ("auto", "1"):
+        raise JaxfoundError(f"{ENV}={asked!r} is not one of: 0, auto, {', '.join(PATHS)}")
+    skipped = []
+    for name in DEFAULT_ORDER:
+        reason = why_unsupported(name) or NOT_DEFAULT.get(name)
+        if reason is None:
+            return name, "the fastest path this CPU supports"
+        skipped.append(f"{name}: {reason}")
+    return None, "; ".join(skipped)
 
 
-def build() -> Path:
-    """Compile int8_dense.cc (once per source / jaxlib / flags) and return the shared library's path."""
-
+def build(name: str) -> Path:
+    """Compile path ``name`` (once per source / jaxlib / flags / compiler) and return the shared library."""
+    kp = PATHS[name]
     cxx = _compiler()
+    flags = [*COMMON_FLAGS, *kp.flags]
     key = hashlib.sha256(
-        SOURCE.read_bytes() + jaxlib.__version__.encode() + " ".join(FLAGS).encode() + str(cxx).encode()
+        kp.source.read_bytes() + jaxlib.__version__.encode() + " ".join(flags).encode() + str(cxx).encode()
     ).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"int8_dense-{key}.so"
+    lib = cache_dir() / "kernels" / f"{kp.source.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-        log.info("building the int8 VNNI kernel: %s", " ".join(cmd))
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(kp.source), "-o", str(out)]
+        log.info("building the int8 %s kernel: %s", name, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -96,36 +154,69 @@ def build() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """True when the VNNI kernel is built and registered with XLA:CPU (the first call builds it)."""
-    reason = _why_unavailable()
-    if reason is None:
+def load(name: str):
+    """Build and register path ``name`` with XLA:CPU; returns its dense(x (..., I), q (I, O), scale (O,)).
+
+    Raises RuntimeError (saying why) where this machine cannot run it. Does not change what w8a8 uses.
+    """
+    if name not in PATHS:
+        raise JaxfoundError(f"unknown int8 kernel path {name!r} (known: {', '.join(PATHS)})")
+    reason = why_unsupported(name)
+    if reason:
+        raise RuntimeError(f"the {name} int8 kernel cannot run here: {reason}")
+    kp = PATHS[name]
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build(name)))
+        jax.ffi.register_ffi_target(kp.target, jax.ffi.pycapsule(getattr(lib, kp.symbol)), platform="cpu")
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"could not build or load the {name} int8 kernel: {e}") from e
+    return _dense_call(kp.target)
+
+
+@functools.cache
+def path() -> str | None:
+    """The native path w8a8 runs on this machine ('avx512_vnni' | 'avx2'), or None for XLA ops (warns why)."""
+    name, reason = choose()
+    if name is not None:
         try:
-            lib = ctypes.cdll.LoadLibrary(str(build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxfoundW8A8Dense), platform="cpu")
-        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
-            reason = f"could not build or load it: {e}"
-    if reason is not None:
-        log.warning("int8 w8a8 on CPU uses XLA's int8 dot, not the VNNI kernel: %s", reason)
-        return False
-    return True
+            load(name)
+            return name
+        except RuntimeError as e:
+            reason = str(e)
+    log.warning("int8 w8a8 on CPU uses XLA's int8 dot, not a native kernel: %s", reason)
+    return None
 
 
-@jax.custom_batching.custom_vmap
+def available() -> bool:
+    """True when w8a8 runs on a native kernel here (the first call builds and registers it)."""
+    return path() is not None
+
+
 def w8a8_dense(x_NxI, q_IxO, scale_O):
-    """The VNNI kernel: x (..., I) float32 -> (..., O) float32; CPU only, ``available()`` must be True."""
-    lead = x_NxI.shape[:-1]
-    x2d = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(jnp.float32)
-    out_type = jax.ShapeDtypeStruct((x2d.shape[0], q_IxO.shape[1]), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, out_type)(x2d, q_IxO.astype(jnp.int8), scale_O.astype(jnp.float32))
-    return y.reshape(*lead, q_IxO.shape[1])
+    """The kernel of ``path()``: x (..., I) float32 -> (..., O) float32; CPU only, ``available()`` must be True."""
+    name = path()
+    if name is None:
+        raise RuntimeError(f"no native int8 kernel here ({choose()[1]}); use int8.w8a8_dot_xla")
+    return load(name)(x_NxI, q_IxO, scale_O)
 
 
-@w8a8_dense.def_vmap
-def _w8a8_dense_vmap(axis_size, in_batched, x, q, scale):
-    """Batched activations fold into the rows of one call; batched weights run one call per weight."""
-    x_batched, q_batched, scale_batched = in_batched
-    if not (q_batched or scale_batched):
-        return w8a8_dense(x, q, scale), True
-    x, q, scale = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip((x, q, scale), in_batched))
-    return jax.lax.map(lambda args: w8a8_dense(*args), (x, q, scale)), True
+def _dense_call(target: str):
+    """The FFI call of ``target`` as a function of (x, q, scale), batched by folding x's rows into one call."""
+
+    @jax.custom_batching.custom_vmap
+    def dense(x_NxI, q_IxO, scale_O):
+        lead = x_NxI.shape[:-1]
+        x2d = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(jnp.float32)
+        out_type = jax.ShapeDtypeStruct((x2d.shape[0], q_IxO.shape[1]), jnp.float32)
+        y = jax.ffi.ffi_call(target, out_type)(x2d, q_IxO.astype(jnp.int8), scale_O.astype(jnp.float32))
+        return y.reshape(*lead, q_IxO.shape[1])
+
+    @dense.def_vmap
+    def _vmap(axis_size, in_batched, x, q, scale):
+        """Batched activations fold into the rows of one call; batched weights run one call per weight."""
+        if not (in_batched[1] or in_batched[2]):
+            return dense(x, q, scale), True
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip((x, q, scale), in_batched))
+        return jax.lax.map(lambda one: dense(*one), args), True
+
+    return dense

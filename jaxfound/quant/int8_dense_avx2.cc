@@ -1,0 +1,272 @@
+// W8A8 Dense for x86-64 CPUs with AVX2 (no AVX-512), as an XLA FFI custom call (jaxfound.quant.kernel builds it).
+//
+//   out[m, n] = float(sum_k qx[m, k] * qw[k, n]) * (x_scale[m] * w_scale[n])
+//
+// the same function as int8_dense.cc (the AVX-512 VNNI path), bit for bit: the same per-token quantization
+// (round half to even, clip to [-127, 127], scale absmax / 127, 1 for an all-zero row) and the same rescale.
+//
+// Arithmetic: vpmaddwd on int16 (sign-extended int8) pairs, int32 accumulators. The byte form llama.cpp uses,
+// vpmaddubsw(|x|, sign(w, x)) then vpmaddwd(., 1), needs three multiply-port instructions per 32 products
+// where vpmaddwd needs two (the adds go elsewhere); both are exact (|products| <= 2 * 127 * 127 < 2^15),
+// and in int32 for K < 2^31 / 127^2, about 133k.
+//
+// Layout: the weights are packed per call (in parallel) into 8-column panels of int16, [N/8][K/2][8][2], so
+// one 32-byte load feeds 8 output columns for 2 k; a micro-tile keeps kMR rows x kNV panels of int32
+// accumulators in registers (4 x 2 = 8 of the 16 ymm registers). Work items are (row block, column chunk)
+// pairs shared out over XLA's intra-op thread pool; small M is split over columns so both cores work.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMR = 4;             // rows per micro-tile (6 x 2 spills: 12 accumulators + 2 panels + row + product > 16)
+constexpr int kNV = 2;             // 8-column panels per micro-tile
+constexpr int64_t kRowBlock = 96;  // rows quantized and multiplied per work item (a multiple of kMR)
+
+// lanes [0, n) of 8 set (n clipped to [0, 8]), for maskload / maskstore
+inline __m256i TailMask(int64_t n) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))), iota);
+}
+
+inline float QuantizeOne(float x, float inv) {
+  return std::min(std::max(std::nearbyint(x * inv), -127.0f), 127.0f);  // default rounding: half to even
+}
+
+// One row of x (K floats) -> KP int16 q (zero padded past K); returns the row's scale.
+inline float QuantizeRow(const float* x, int64_t K, int64_t KP, int16_t* q) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + k)));
+  if (k < K) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, _mm256_maskload_ps(x + k, TailMask(K - k))));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float amax = _mm_cvtss_f32(m4);
+  const float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv);
+    __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv);
+    v0 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    v1 = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    // packs works within 128-bit lanes: [v0 lo, v1 lo, v0 hi, v1 hi] -> reorder the 64-bit quarters
+    const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+  for (; k < K; ++k) q[k] = static_cast<int16_t>(QuantizeOne(x[k], inv));
+  for (; k < KP; ++k) q[k] = 0;
+  return amax == 0.0f ? 1.0f : amax / 127.0f;
+}
+
+// Panels [p0, p1) of qw [K, N] row-major -> [NP][KQ][8][2] int16 (zero padded).
+void PackPanels(const int8_t* w, int64_t K, int64_t N, int64_t KQ, int64_t p0, int64_t p1, int16_t* packed) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int16_t* dst = packed + p * KQ * 16;
+    const int64_t n0 = p * 8;
+    const int64_t cols = std::min<int64_t>(8, N - n0);
+    for (int64_t kq = 0; kq < KQ; ++kq) {
+      const int64_t k0 = kq * 2;
+      if (cols == 8 && k0 + 2 <= K) {  // interleave 2 rows of 8 bytes, then sign-extend to int16
+        const __m128i r0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k0 * N + n0));
+        const __m128i r1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (k0 + 1) * N + n0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kq * 16), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
+      } else {
+        for (int64_t c = 0; c < 8; ++c) {
+          for (int64_t r = 0; r < 2; ++r) {
+            const bool in = c < cols && k0 + r < K;
+            dst[kq * 16 + c * 2 + r] = in ? w[(k0 + r) * N + n0 + c] : 0;
+          }
+        }
+      }
+    }
+  }
+}
+
+// MR x NV tile (at most 6 x 2): rows a[0..MR) (stride lda int16) times panels b[0..NV) (stride KQ*16 int16).
+// The accumulators are named variables: GCC keeps an array of vectors on the stack, which halves the speed.
+template <int MR, int NV>
+inline void Tile(const int16_t* a, int64_t lda, const int16_t* b, int64_t KQ, const float* w_scale,
+                 const float* x_scale, float* out, int64_t ldo, int64_t cols) {
+  static_assert(MR >= 1 && MR <= kMR + 2 && NV >= 1 && NV <= 2, "tile is at most 6 x 2");
+#define JF_ROW_ACC(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = _mm256_setzero_si256();
+  JF_ROW_ACC(0) JF_ROW_ACC(1) JF_ROW_ACC(2) JF_ROW_ACC(3) JF_ROW_ACC(4) JF_ROW_ACC(5)
+  const int64_t panel = KQ * 16;
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const int16_t* bk = b + kq * 16;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bk));
+    const __m256i b1 = NV > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bk + panel)) : b0;
+#define JF_ROW_MADD(i)                                                                        \
+  if constexpr (MR > i) {                                                                     \
+    int32_t pair;                                                                             \
+    std::memcpy(&pair, a + i * lda + kq * 2, 4);                                              \
+    const __m256i av = _mm256_set1_epi32(pair);                                               \
+    c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(av, b0));                           \
+    if constexpr (NV > 1) c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(av, b1));     \
+  }
+    JF_ROW_MADD(0) JF_ROW_MADD(1) JF_ROW_MADD(2) JF_ROW_MADD(3) JF_ROW_MADD(4) JF_ROW_MADD(5)
+  }
+  // acc -> float, times (x_scale * w_scale), the product XLA's path forms
+#define JF_STORE(i, j)                                                                                  \
+  {                                                                                                     \
+    const __m256i mask = TailMask(cols - 8 * j);                                                        \
+    const __m256 s = _mm256_mul_ps(_mm256_set1_ps(x_scale[i]), _mm256_maskload_ps(w_scale + 8 * j, mask)); \
+    _mm256_maskstore_ps(out + i * ldo + 8 * j, mask, _mm256_mul_ps(_mm256_cvtepi32_ps(c##i##j), s));    \
+  }
+#define JF_ROW_STORE(i)                                                                 \
+  if constexpr (MR > i) {                                                               \
+    JF_STORE(i, 0)                                                                      \
+    if constexpr (NV > 1) JF_STORE(i, 1)                                                \
+  }
+  JF_ROW_STORE(0) JF_ROW_STORE(1) JF_ROW_STORE(2) JF_ROW_STORE(3) JF_ROW_STORE(4) JF_ROW_STORE(5)
+#undef JF_ROW_ACC
+#undef JF_ROW_MADD
+#undef JF_ROW_STORE
+#undef JF_STORE
+}
+
+template <int MR>
+inline void TileRows(int nv, const int16_t* a, int64_t lda, const int16_t* b, int64_t KQ, const float* ws,
+                     const float* xs, float* out, int64_t ldo, int64_t cols) {
+  if (nv == 2) return Tile<MR, 2>(a, lda, b, KQ, ws, xs, out, ldo, cols);
+  return Tile<MR, 1>(a, lda, b, KQ, ws, xs, out, ldo, cols);
+}
+
+void TileAny(int mr, int nv, const int16_t* a, int64_t lda, const int16_t* b, int64_t KQ, const float* ws,
+             const float* xs, float* out, int64_t ldo, int64_t cols) {
+  static_assert(kMR == 4, "TileAny instantiates 1..4 rows");
+  switch (mr) {
+    case 4: return TileRows<4>(nv, a, lda, b, KQ, ws, xs, out, ldo, cols);
+    case 3: return TileRows<3>(nv, a, lda, b, KQ, ws, xs, out, ldo, cols);
+    case 2: return TileRows<2>(nv, a, lda, b, KQ, ws, xs, out, ldo, cols);
+    default: return TileRows<1>(nv, a, lda, b, KQ, ws, xs, out, ldo, cols);
+  }
+}
+
+struct Problem {
+  const float* x;
+  const int16_t* packed;
+  const float* w_scale;
+  float* out;
+  int64_t M, K, N, KP, KQ, NP;
+};
+
+// Rows [m0, m1) x panels [q0, q1): quantize the rows into a thread-local buffer, then every tile.
+void Block(const Problem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
+  thread_local std::vector<int16_t> a;
+  thread_local std::vector<float> xs;
+  const int64_t rows = m1 - m0;
+  if (static_cast<int64_t>(a.size()) < rows * p.KP) a.resize(rows * p.KP);
+  if (static_cast<int64_t>(xs.size()) < rows) xs.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) xs[r] = QuantizeRow(p.x + (m0 + r) * p.K, p.K, p.KP, a.data() + r * p.KP);
+  for (int64_t p0 = q0; p0 < q1; p0 += kNV) {
+    const int nv = static_cast<int>(std::min<int64_t>(kNV, q1 - p0));
+    const int64_t n0 = p0 * 8;
+    const int64_t cols = std::min<int64_t>(8 * nv, p.N - n0);
+    for (int64_t r = 0; r < rows; r += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r));
+      TileAny(mr, nv, a.data() + r * p.KP, p.KP, p.packed + p0 * p.KQ * 16, p.KQ, p.w_scale + n0,
+              xs.data() + r, p.out + (m0 + r) * p.N + n0, p.N, cols);
+    }
+  }
+}
+
+// Work items taken from a shared counter by the calling thread and by pool tasks; the caller waits only
+// for items others have taken, so a pool task that starts late (or never) cannot stall it.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  int64_t total = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::function<void(int64_t)> item;
+
+  void Drain() {
+    for (int64_t i; (i = next.fetch_add(1)) < total;) {
+      item(i);
+      if (finished.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> item) {
+  auto work = std::make_shared<Work>();
+  work->total = total;
+  work->item = std::move(item);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
+}
+
+ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                         ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || w_scale.element_count() != wd[1]) {
+    return ffi::Error::InvalidArgument("jaxfound_w8a8_dense_avx2: expects x (M, K), w int8 (K, N), w_scale (N,)");
+  }
+  Problem p;
+  p.M = xd[0];
+  p.K = xd[1];
+  p.N = wd[1];
+  p.KQ = (p.K + 1) / 2;
+  p.KP = p.KQ * 2;
+  p.NP = (p.N + 7) / 8;
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  std::vector<int16_t> packed(p.NP * p.KQ * 16);
+  p.x = x.typed_data();
+  p.packed = packed.data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int8_t* wp = w.typed_data();
+  const int64_t pack_items = std::min<int64_t>(p.NP, 4 * threads);
+  ParallelFor(pool, pack_items, [&](int64_t i) {
+    PackPanels(wp, p.K, p.N, p.KQ, p.NP * i / pack_items, p.NP * (i + 1) / pack_items, packed.data());
+  });
+
+  // split the columns too when there are fewer row blocks than 2 per thread, in whole micro-tile widths
+  const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  const int64_t tiles = (p.NP + kNV - 1) / kNV;
+  const int64_t col_chunks = std::clamp<int64_t>((2 * threads + row_blocks - 1) / row_blocks, 1, tiles);
+  ParallelFor(pool, row_blocks * col_chunks, [&](int64_t i) {
+    const int64_t rb = i / col_chunks, cc = i % col_chunks;
+    const int64_t q0 = tiles * cc / col_chunks * kNV, q1 = std::min(p.NP, tiles * (cc + 1) / col_chunks * kNV);
+    Block(p, rb * kRowBlock, std::min(p.M, (rb + 1) * kRowBlock), q0, q1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8DenseAvx2, W8A8DenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
