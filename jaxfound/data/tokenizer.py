@@ -1,9 +1,17 @@
 """Tokenizers: a local Hugging Face directory, or trained on the corpus (WordPiece for BERT, byte-level BPE for GPT,
-RoBERTa and Llama)."""
+RoBERTa and Llama).
+
+A trained tokenizer is a function of (docs, arch, vocab_size) alone: ``learn_bpe`` learns the merges with every tie
+broken by token ids that are themselves assigned in sorted order. The ``tokenizers`` trainers number WordPiece's
+'##' pieces in hash-map order, which differs from process to process, and so break count ties differently in every
+run (huggingface/tokenizers#1794); tests/test_tokenizer_determinism.py guards the difference.
+"""
 
 from __future__ import annotations
 
+import heapq
 import json
+from collections import defaultdict
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -13,6 +21,7 @@ from jaxfound.errors import JaxfoundError
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 GPT_SPECIALS = ["<|endoftext|>"]
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4: pad 1 as its positions expect
+WORDPIECE_PREFIX = "##"  # marks a piece that continues a word
 
 
 def load_tokenizer(path: str):
@@ -27,6 +36,105 @@ def load_tokenizer(path: str):
         raise JaxfoundError(f"tokenizer directory {path}: could not load it ({type(e).__name__}: {e})") from None
 
 
+def word_counts(tok: Tokenizer, docs) -> dict[str, int]:
+    """How often each word occurs in docs after tok's normalizer and pre-tokenizer, sorted by word.
+
+    The ``tokenizers`` BPE trainer counts them (in parallel, in Rust) and keeps them in its pickled state; with
+    vocab_size 0 it learns nothing from them.
+    """
+    counter = Tokenizer(models.BPE())
+    counter.normalizer, counter.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=0, show_progress=False)
+    counter.train_from_iterator(docs, trainer)
+    counts = json.loads(trainer.__getstate__())["BpeTrainer"]["words"]
+    return {word: counts[word] for word in sorted(counts) if word}
+
+
+def _initial_vocab(counts: dict[str, int], specials: list[str], alphabet, prefix: str) -> list[str]:
+    """Specials, then every character (sorted), then with a prefix each character seen inside a word (sorted)."""
+    chars = set(alphabet).union(*counts)
+    inner = sorted({c for word in counts for c in word[1:]}) if prefix else []
+    return list(dict.fromkeys([*specials, *sorted(chars), *(prefix + c for c in inner)]))
+
+
+def _merge_word(syms: list[int], pair: tuple[int, int], new: int, n: int, deltas: dict) -> list[int] | None:
+    """syms with each pair replaced by new, left to right, or None where the pair does not occur; adds n times the
+    change in each pair's count to deltas."""
+    a, b = pair
+    out, i, last = [], 0, len(syms) - 1
+    while i <= last:
+        if syms[i] == a and i < last and syms[i + 1] == b:
+            deltas[pair] -= n
+            if out:  # the left neighbour: may itself be new, from the occurrence just merged
+                deltas[out[-1], a] -= n
+                deltas[out[-1], new] += n
+            if i + 1 < last:
+                deltas[b, syms[i + 2]] -= n
+                deltas[new, syms[i + 2]] += n
+            out.append(new)
+            i += 2
+        else:
+            out.append(syms[i])
+            i += 1
+    return out if len(out) <= last else None
+
+
+def _pair_counts(words: list[list[int]], weights: list[int]) -> tuple[dict, dict]:
+    """Each adjacent pair's count, weighted by word count, and the words that hold it."""
+    counts, where = defaultdict(int), defaultdict(set)
+    for w, (syms, n) in enumerate(zip(words, weights)):
+        for pair in zip(syms, syms[1:]):
+            counts[pair] += n
+            where[pair].add(w)
+    return counts, where
+
+
+def learn_bpe(counts: dict[str, int], vocab: list[str], vocab_size: int,
+              prefix: str = "") -> tuple[list[str], list[tuple[str, str]]]:
+    """BPE on word counts: merge the most frequent adjacent pair until the vocabulary holds vocab_size tokens.
+
+    Ties go to the pair of lowest token ids (a, then b), the rule of the ``tokenizers`` trainer, so the result depends
+    on the counts and the initial vocab's order alone. vocab: the initial tokens in id order (specials, characters);
+    prefix: marks every symbol after a word's first ('##' for WordPiece). Returns the vocab in id order and the merges.
+    """
+    vocab = list(vocab)
+    ids = {token: i for i, token in enumerate(vocab)}
+    words = [[ids[w[0]], *(ids[prefix + c] for c in w[1:])] for w in counts]
+    weights = list(counts.values())
+    pair_counts, where = _pair_counts(words, weights)  # where may also list words that no longer hold a pair
+    heap = [(-n, pair) for pair, n in pair_counts.items()]  # max count, then lowest ids
+    heapq.heapify(heap)
+    merges, merged = [], set()
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts[pair] != -neg:  # the count fell since this entry was pushed: push it again as it is now
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], pair))
+            continue
+        a, b = pair
+        right = vocab[b][len(prefix):] if prefix and vocab[b].startswith(prefix) else vocab[b]
+        new = ids.setdefault(vocab[a] + right, len(vocab))  # a token reached by a second route keeps its id
+        if new == len(vocab):
+            vocab.append(vocab[a] + right)
+        if pair not in merged:
+            merges.append((vocab[a], vocab[b]))
+            merged.add(pair)
+        deltas = defaultdict(int)
+        for w in where.pop(pair):
+            out = _merge_word(words[w], pair, new, weights[w], deltas)
+            if out is not None:
+                words[w] = out
+                for p in zip(out, out[1:]):
+                    if new in p:
+                        where[p].add(w)
+        for p, d in deltas.items():
+            if d:
+                pair_counts[p] += d
+                if d > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+    return vocab, merges
+
+
 def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
     """Train a tokenizer on docs, save it as a Hugging Face directory in out_dir, and return it."""
     from transformers import PreTrainedTokenizerFast
@@ -36,8 +144,12 @@ def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
-        tok.train_from_iterator(docs, trainer)
+        counts = word_counts(tok, docs)
+        vocab, _ = learn_bpe(counts, _initial_vocab(counts, BERT_SPECIALS, (), WORDPIECE_PREFIX), vocab_size,
+                             WORDPIECE_PREFIX)
+        tok.model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     continuing_subword_prefix=WORDPIECE_PREFIX)
+        tok.add_special_tokens(BERT_SPECIALS)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -50,9 +162,11 @@ def train_tokenizer(docs: list[str], arch: str, vocab_size: int, out_dir: str):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(docs, trainer)
+        counts = word_counts(tok, docs)
+        vocab, merges = learn_bpe(counts, _initial_vocab(counts, specials, pre_tokenizers.ByteLevel.alphabet(), ""),
+                                  vocab_size)
+        tok.model = models.BPE({t: i for i, t in enumerate(vocab)}, merges)
+        tok.add_special_tokens(specials)
     if arch == "roberta":  # <s> A </s> (pair: <s> A </s></s> B </s>), saved as transformers' RobertaTokenizer
         from transformers import RobertaTokenizerFast
 
