@@ -236,9 +236,12 @@ def _graph(args):
 
 @verb("export", "write a fine-tuned (or merged) run dir as a transformers directory (safetensors + tokenizer)",
       arg("--run", required=True, help="run dir written by `jaxfound finetune` or `jaxfound merge`"),
-      arg("--out", required=True, help="directory that transformers' from_pretrained will load"))
+      arg("--out", required=True, help="directory that transformers' from_pretrained will load"),
+      arg("--adapter", action="store_true", help="a LoRA run's adapters as a PEFT adapter dir (for its base model)"))
 def _export(args):
-    print(f"wrote {evaluate.export(args.run, args.out)} (load it with transformers' from_pretrained)")
+    path = evaluate.export(args.run, args.out, adapter=args.adapter)
+    print(f"wrote {path} (load it with " + ("peft's PeftModel.from_pretrained onto its base model)" if args.adapter
+                                          else "transformers' from_pretrained)"))
 
 
 def build_parser() -> argparse.ArgumentParser:

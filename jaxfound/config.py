@@ -7,6 +7,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,18 @@ def _choice(default, *allowed, doc=""):
 class RunConfig:
     dir: str = "runs/default"  # where checkpoints, metrics.jsonl, summary.json and plots go
     registry: str | None = None  # knowledge-graph registry directory; every run registers itself there
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (jaxfound.models.lora): train.lora asks for them; model.lora records a run's adapters."""
+
+    rank: int = 0  # 0: no adapters (full fine-tuning)
+    alpha: float = 16.0  # the update is (alpha / rank) * x A B
+    dropout: float = 0.0  # on the adapter's input, while training
+    # 'all-linear' (every Dense of the trunk) or a regular expression searched in each Dense's module path, e.g.
+    # 'attention/(query|value)', 'mlp/(gate|up|down)'
+    targets: str = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ class ModelConfig:
     num_labels: int = 0  # classification heads: set by the fine-tuning task
     quant: str = _choice("none", "none", "w8", "w8a8")  # int8 Dense kernels (see jaxfound.quant)
     init: str | None = None  # fine-tuning: HF directory or jaxfound run dir to start from
+    lora: LoraConfig = field(default_factory=LoraConfig)  # set from train.lora by `jaxfound finetune`
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = _choice("mlm", "mlm", "clm", "ner", "cls", "pos", "chunk")  # pos / chunk: tag CoNLL column 1 / 2
+    # pos / chunk: tag CoNLL column 1 / 2; sft: instruction tuning of a decoder on chat / prompt-completion JSON lines
+    task: str = _choice("mlm", "mlm", "clm", "ner", "cls", "pos", "chunk", "sft")
     steps: int = 300  # pretraining steps (fine-tuning uses epochs)
     schedule_steps: int = 0  # length of the lr schedule; 0 = train.steps (set it to stop early and resume later)
     epochs: int = 3
@@ -115,6 +130,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # 0 disables clipping
     nonfinite: str = _choice("skip", "skip", "stop")  # what a NaN/inf loss or gradient does
     freeze: str = _choice("none", "none", "trunk")  # trunk: train only the head (linear probe, head re-fit)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora.rank > 0: train adapters (and a new head) only
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,7 @@ def _keys(cls, *without: str) -> tuple[str, ...]:
 _SHARED = {"run": _keys(RunConfig), "mesh": _keys(MeshConfig), "checkpoint": _keys(CheckpointConfig)}
 _PRETRAIN = {
     **_SHARED,
-    "model": _keys(ModelConfig, "num_labels", "init", "quant"),  # continued pretraining (model.init): not yet
+    "model": _keys(ModelConfig, "num_labels", "init", "quant", "lora"),  # continued pretraining: not yet
     "data": ("path", "format", "text_field", "tokenizer", "tokenizer_vocab", "seq_len", "mask_prob",
              "valid_fraction", "synthetic_docs"),
     "train": ("task", "steps", "schedule_steps", "batch_size", "grad_accum", "seed", "log_every", "eval_every",
@@ -177,12 +193,12 @@ VERB_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "compile": dict(_PRETRAIN),  # compiles pretraining recipes for a TPU topology
     "finetune": {
         **_SHARED,
-        "model": _keys(ModelConfig, "num_labels", "quant"),
+        "model": _keys(ModelConfig, "num_labels", "quant", "lora"),
         "data": ("tokenizer", "seq_len", "train", "valid", "test", "token_column", "tag_column", "text_column",
                  "label_column", "length_bucketing"),
         "train": ("task", "epochs", "batch_size", "grad_accum", "seed", "log_every", "eval_at_start", "lr",
                   "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "b1", "b2", "eps", "clip_norm",
-                  "nonfinite", "freeze"),  # evaluation is per epoch: no steps, eval_every, eval_batches
+                  "nonfinite", "freeze", "lora"),  # evaluation is per epoch: no steps, eval_every, eval_batches
     },
 }
 
@@ -227,6 +243,14 @@ def _build(cls, values: dict, prefix: str, source: str):
         f = next(f for f in dataclasses.fields(cls) if f.name == k)
         if prefix + k == "model.remat" and isinstance(v, bool):  # earlier configs: remat: true / false
             v = "full" if v else "none"
+        if dataclasses.is_dataclass(hints[k]):  # a nested section, e.g. train.lora
+            if v is None:
+                v = {}
+            if not isinstance(v, dict):
+                raise JaxfoundError(f"{source}: key '{prefix}{k}' must be a mapping of keys "
+                                    f"({', '.join(_keys(hints[k]))}), got {v!r}")
+            kwargs[k] = _build(hints[k], v, f"{prefix}{k}.", source)
+            continue
         v = _coerce(v, hints[k], prefix + k, source)
         choices = f.metadata.get("choices")
         if choices and v not in choices:
@@ -276,6 +300,18 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         raise bad("mesh.data", "a size when mesh.fsdp or mesh.tensor is -1 (at most one axis takes the rest)")
     if cfg.data.seq_len < 2:
         raise bad("data.seq_len", ">= 2")
+    for section in ("train", "model"):
+        lora = getattr(cfg, section).lora
+        if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            raise JaxfoundError(f"{source}: {section}.lora is {lora}; it needs rank >= 0, alpha > 0, dropout in [0, 1)")
+        try:
+            re.compile(lora.targets)
+        except re.error as e:
+            raise JaxfoundError(f"{source}: key '{section}.lora.targets' is {lora.targets!r}, not a regular expression "
+                                f"({e}); give 'all-linear' or a regular expression over module paths, e.g. "
+                                "'attention/(query|value)'") from None
+    if cfg.train.lora.rank and cfg.train.freeze == "trunk":
+        raise bad("train.freeze", "'none' with train.lora.rank > 0 (LoRA already freezes the base weights)")
     if cfg.model.hidden_size % cfg.model.num_heads and not (cfg.model.arch == "llama" and cfg.model.head_dim):
         raise bad("model.num_heads", f"a divisor of model.hidden_size={cfg.model.hidden_size} (or set model.head_dim)")
     if cfg.model.num_kv_heads < 0 or cfg.model.num_heads % (cfg.model.num_kv_heads or cfg.model.num_heads):
@@ -317,8 +353,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise JaxfoundError(f"override '{text}': expected section.key=value, e.g. train.steps=40")
     key, _, raw = text.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise JaxfoundError(f"override '{text}': key must be section.key (sections: {', '.join(_SECTION_TYPES)})")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise JaxfoundError(f"override '{text}': key must be section.key or section.group.key, e.g. train.lora.rank "
+                            f"(sections: {', '.join(_SECTION_TYPES)})")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -354,13 +391,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), verb:
         raise JaxfoundError(f"{path}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
-        (section, key), value = parse_override(text)
+        (section, key, *sub), value = parse_override(text)
         if section not in _SECTION_TYPES:
             raise JaxfoundError(f"override '{text}': unknown section '{section}' "
                                 f"(allowed: {', '.join(_SECTION_TYPES)})")
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
-        raw[section][key] = value
+        if sub:  # section.group.key
+            group = raw[section].get(key)
+            raw[section][key] = dict(group) if isinstance(group, dict) else {}
+            raw[section][key][sub[0]] = value
+        else:
+            raw[section][key] = value
     source = f"{path}" + (" + overrides" if overrides else "")
     taken = VERB_KEYS[verb] if verb is not None else {}
     for section, values in raw.items():

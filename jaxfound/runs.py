@@ -7,7 +7,8 @@
 Layout: config.json (the resolved Config), labels.json (classifiers), tokenizer/, best/ (params, orbax) or
 params.safetensors + quant.json (int8), checkpoints/ (train state + data position), metrics.jsonl, summary.json,
 report_<split>.json, merge.json / quant_report.json. A transformers dir (config.json + safetensors) opens through
-jaxfound.interop, and so does a GGUF file (kind 'gguf'). Adapter runs will add their kind here.
+jaxfound.interop, and so does a GGUF file (kind 'gguf'); a PEFT LoRA adapter dir (kind 'adapter') opens on the base
+model its adapter_config.json names.
 """
 
 from __future__ import annotations
@@ -23,19 +24,21 @@ import jax
 import jax.numpy as jnp
 
 from jaxfound import checkpoint as ckpt
-from jaxfound.config import Config, DataConfig, TrainConfig, from_dict, to_dict
+from jaxfound.config import Config, DataConfig, LoraConfig, TrainConfig, from_dict, to_dict
 from jaxfound.data.finetune import special_ids
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
 from jaxfound.interop.gguf import gguf_tokenizer
 from jaxfound.interop.hf import from_pretrained, load_hf_config
-from jaxfound.models import build_model
+from jaxfound.interop.peft import CONFIG_FILE as ADAPTER_CONFIG
+from jaxfound.interop.peft import load_adapter, read_adapter_config
+from jaxfound.models import build_model, lora
 from jaxfound.models.scan import unstack_layers
 from jaxfound.quant.checkpoint import META_FILE as QUANT_META
 from jaxfound.quant.checkpoint import load_quantized, save_quantized
 from jaxfound.tasks import HEAD_TASK, get_task, resolve_task
 
-KINDS = ("pretrained", "finetuned", "merged", "quantized", "transformers", "gguf")
+KINDS = ("pretrained", "finetuned", "merged", "quantized", "transformers", "gguf", "adapter")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
@@ -64,8 +67,11 @@ def kind_of(path: str | Path) -> str:
         if not p.is_file():
             raise JaxfoundError(f"{path}: GGUF file not found")
         return "gguf"
+    if not (p / "config.json").is_file() and (p / ADAPTER_CONFIG).is_file():
+        return "adapter"
     if not (p / "config.json").is_file():
-        raise JaxfoundError(f"{path}: no config.json; expected a jaxfound run dir or a transformers dir")
+        raise JaxfoundError(f"{path}: no config.json; expected a jaxfound run dir, a transformers dir or a PEFT "
+                            "adapter dir")
     if not {"run", "model"} <= _read_json(p / "config.json").keys():
         return "transformers"
     if (p / QUANT_META).is_file():
@@ -79,9 +85,12 @@ def kind_of(path: str | Path) -> str:
     raise JaxfoundError(f"{path}: a jaxfound config.json but no params (best/, checkpoints/ or {QUANT_META})")
 
 
-def open_run(path: str | Path, head: str | None = None) -> Run:
+def open_run(path: str | Path, head: str | None = None, adapters: bool = False) -> Run:
     """Any model directory jaxfound reads, opened the same way; head: a transformers dir's head (default: its own,
     'none': the trunk alone).
+
+    A run with LoRA adapters (model.lora.rank > 0) opens with them folded into its kernels (model.lora off), so every
+    reader sees a plain model; adapters=True keeps them apart (PEFT export, adapter merges).
 
     A run trained with model.scan_layers opens unrolled (params unstacked, scan_layers false in run.config): every
     reader (inference, KV-cache decoding, merging, quantizing, export) sees one layout; fine-tuning stacks again."""
@@ -89,6 +98,8 @@ def open_run(path: str | Path, head: str | None = None) -> Run:
     kind = kind_of(p)
     if kind in ("transformers", "gguf"):
         return _open_transformers(p, head)
+    if kind == "adapter":
+        return _open_adapter(p, head, adapters)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
     task = resolve_task(cfg)  # `train.task=ner data.tag_column=1` was a POS run
     tok_dir = p / "tokenizer" if (p / "tokenizer").is_dir() else cfg.data.tokenizer  # a moved one: None
@@ -97,6 +108,9 @@ def open_run(path: str | Path, head: str | None = None) -> Run:
     if cfg.model.scan_layers:
         params = unstack_layers(params)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    if cfg.model.lora.rank and not adapters:
+        params = lora.fold(params, cfg.model.lora.alpha)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=LoraConfig()))
     return Run(p, kind, cfg, task, build_model(cfg.model, task.head), params, tokenizer, read_labels(p))
 
 
@@ -114,6 +128,24 @@ def _open_transformers(p: Path, head: str | None) -> Run:
     data = DataConfig(seq_len=min(DataConfig.seq_len, model.cfg.max_position))
     cfg = Config(model=model.cfg, data=data, train=TrainConfig(task=HEAD_TASK[model.head]))
     return Run(p, kind, cfg, get_task(cfg.train.task), model, params, tokenizer, labels)
+
+
+def _open_adapter(p: Path, head: str | None, adapters: bool) -> Run:
+    """A PEFT LoRA adapter dir on the base model its adapter_config.json names (a local path)."""
+    base_path = read_adapter_config(p).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).exists():
+        raise JaxfoundError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is {base_path!r}, not a local model; set "
+                            "it to the base model's directory (a transformers dir, GGUF file or jaxfound run dir)")
+    base = open_run(base_path, head)
+    model, params = load_adapter(p, base.model, base.params)
+    if not adapters:
+        params = lora.fold(params, model.cfg.lora.alpha)
+        model = build_model(dataclasses.replace(model.cfg, lora=LoraConfig()), model.head)
+    cfg = dataclasses.replace(base.config, model=model.cfg)
+    has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(str(p)) if has_tok else base.tokenizer
+    labels = read_labels(p) or base.labels  # jaxfound writes labels.json beside an adapter it exports
+    return Run(p, "adapter", cfg, base.task, model, params, tokenizer, labels)
 
 
 def require_float(run: Run, verb: str) -> Run:

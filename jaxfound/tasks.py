@@ -1,6 +1,6 @@
 """Tasks as strategies: each task owns its reader, model head, loss, decoding, scores, headline metric and report.
 
-    task = resolve_task(cfg)                       # ner | pos | chunk | cls | mlm | clm
+    task = resolve_task(cfg)                       # ner | pos | chunk | cls | sft | mlm | clm
     split = task.read("test.txt", cfg.data, labels, tokenizer, seq_len)
     report = task.score(split.gold, task.decode(split, window_preds, labels))
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxfound import losses, metrics
 from jaxfound.data import finetune as ftdata
+from jaxfound.data import sft
 from jaxfound.data.conll import read_conll, tag_spans
 from jaxfound.errors import JaxfoundError
 
@@ -148,6 +149,15 @@ class Classify(Task):
         return [{"text": t, "label": label} for t, label in zip(texts, pred)]
 
 
+@dataclass(frozen=True)
+class Instruction(Task):
+    """Instruction fine-tuning (SFT) of a causal decoder on chat (messages) or prompt / completion JSON lines,
+    packed several examples per row; scored by held-out loss over the trained tokens (lower is better)."""
+
+    def read(self, path, tokenizer, seq_len: int) -> sft.SFTData:
+        return sft.read_sft(path, tokenizer, seq_len)
+
+
 TASKS = {
     "mlm": Task("mlm", "mlm", losses.mlm_loss, archs=("bert", "roberta")),
     "clm": Task("clm", "lm", losses.clm_loss, archs=("gpt", "llama")),
@@ -156,6 +166,7 @@ TASKS = {
                    entities=False),
     "chunk": Tagging("chunk", "token_cls", losses.token_cls_loss, "f1", pretraining=False, column=2),
     "cls": Classify("cls", "seq_cls", losses.seq_cls_loss, "accuracy", pretraining=False),
+    "sft": Instruction("sft", "lm", losses.sft_loss, "eval_loss", archs=("gpt", "llama"), pretraining=False),
 }
 CONLL_COLUMNS = {1: "pos", 2: "chunk"}  # CoNLL-2003: `train.task=ner data.tag_column=1` is POS tagging
 

@@ -56,7 +56,7 @@ def test_every_recipe_is_valid():
 
 
 PRETRAIN_RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name.endswith(("_mlm.yaml", "_clm.yaml")))
-FINETUNE_RECIPES = ["ner_conll03.yaml", "cls_tiny.yaml"]
+FINETUNE_RECIPES = ["ner_conll03.yaml", "cls_tiny.yaml", "sft_smollm2_lora.yaml"]
 
 
 def test_every_recipe_has_a_verb():

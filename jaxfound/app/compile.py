@@ -48,7 +48,7 @@ from jaxfound.models import TRUNK_KEYS, abstract_params, build_model, scan
 from jaxfound.models.attention import SPLASH_BLOCK
 from jaxfound.sharding import batch_sharding, make_mesh, mesh_shape
 from jaxfound.tasks import get_task
-from jaxfound.train.optim import make_optimizer
+from jaxfound.train.optim import make_optimizer, trainable_labels
 from jaxfound.train.state import TrainState, state_shardings
 from jaxfound.train.step import make_train_step
 
@@ -130,13 +130,13 @@ def _entry(name: str, compiled, compile_s: float, chip, hbm: int, kernel_flops: 
 def train_step_abstract(cfg, model, task, mesh):
     """(jitted train step, abstract sharded state, abstract sharded batch) for cfg on mesh: nothing allocated."""
     seq_len = cfg.data.seq_len
-    tx = make_optimizer(cfg.train, cfg.train.schedule_steps or max(cfg.train.steps, 1))
+    tx = make_optimizer(cfg.train, cfg.train.schedule_steps or max(cfg.train.steps, 1), model.cfg.arch)
     shardings = state_shardings(model, tx, mesh, seq_len)
     params = nn.unbox(abstract_params(model, seq_len))
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                        opt_state=jax.eval_shape(tx.init, params), nonfinite_steps=jax.ShapeDtypeStruct((), jnp.int32))
-    frozen = TRUNK_KEYS if cfg.train.freeze == "trunk" else ()
-    step = make_train_step(model, tx, task.loss, mesh, shardings, cfg.train.seed, cfg.train.grad_accum, frozen)
+    step = make_train_step(model, tx, task.loss, mesh, shardings, cfg.train.seed, cfg.train.grad_accum,
+                           trainable_labels(cfg.train, model.cfg.arch))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
              for k, v in synthetic_batch(cfg, cfg.model.vocab_size).items()}
     return step, _abstract(state, shardings), batch

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from jaxfound import runs
 from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
 from jaxfound.interop.hf import save_pretrained
+from jaxfound.interop.peft import save_adapter
 from jaxfound.sharding import make_mesh
 
 
@@ -55,7 +57,19 @@ def predict(run_dir, texts: list[str]) -> list[dict]:
     return run.task.rows(texts, split, predictor_for(run).predict(run.params, split))
 
 
-def export(run_dir, out):
-    """A transformers directory (safetensors, config, tokenizer) of a float run."""
+def export(run_dir, out, adapter: bool = False):
+    """A transformers directory (safetensors, config, tokenizer) of a float run; adapter: a LoRA run's adapters as a
+    PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for its base model instead."""
+    if adapter:
+        run = runs.require_float(runs.open_run(run_dir, adapters=True), "export")
+        if not run.config.model.lora.rank:
+            raise JaxfoundError(f"{run_dir} has no LoRA adapters (fine-tune with train.lora.rank > 0); export it "
+                                "without --adapter")
+        base = run.config.model.init
+        path = save_adapter(out, run.model, run.params, base=str(Path(base).resolve()) if base else None)
+        runs.write_labels_and_tokenizer(path, run.labels, None)
+        if run.tokenizer is not None:
+            run.tokenizer.save_pretrained(str(path))
+        return path
     run = runs.require_float(runs.open_run(run_dir), "export")
     return save_pretrained(out, run.model, run.params, tokenizer=run.tokenizer, id2label=run.labels)

@@ -12,25 +12,25 @@ import dataclasses
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxfound import runs
-from jaxfound.app import registry
+from jaxfound.app import registry, sft
 from jaxfound.data import finetune as ftdata
 from jaxfound.data.pipeline import fingerprint
 from jaxfound.data.tokenizer import load_tokenizer, padded_vocab
 from jaxfound.errors import JaxfoundError
 from jaxfound.inference import Predictor
 from jaxfound.interop.hf import load_hf_config, read_weights
-from jaxfound.models import TRUNK_KEYS, abstract_params, build_model
+from jaxfound.models import TRUNK_KEYS, build_model
 from jaxfound.models.scan import stack_layers
 from jaxfound.sharding import initialize_distributed
-from jaxfound.tasks import resolve_task
+from jaxfound.tasks import Instruction, resolve_task
 from jaxfound.train.build import build
 from jaxfound.train.loop import Job, finish_run, fit
+from jaxfound.train.state import init_params
 
 # ---------------------------------------------------------------- the model to start from
 
@@ -74,7 +74,8 @@ def load_base(cfg, head: str, labels: list[str]):
             raise JaxfoundError("fine-tuning needs model.init (a transformers dir or a jaxfound run dir), "
                                 "or data.tokenizer to train from scratch")
         tok = load_tokenizer(cfg.data.tokenizer)
-        return dataclasses.replace(cfg.model, vocab_size=padded_vocab(len(tok)), num_labels=len(labels)), {}, tok
+        return dataclasses.replace(cfg.model, vocab_size=padded_vocab(len(tok)), num_labels=len(labels),
+                                   lora=cfg.train.lora), {}, tok
     if not (Path(cfg.model.init) / "config.json").is_file():
         raise JaxfoundError(f"model.init={cfg.model.init}: not a transformers dir (config.json + model.safetensors) "
                             "nor a jaxfound run dir (config.json + checkpoints/ or best/)")
@@ -84,32 +85,12 @@ def load_base(cfg, head: str, labels: list[str]):
                                  "fine-tune")
     model_cfg = dataclasses.replace(run.config.model, num_labels=len(labels), dtype=cfg.model.dtype,
                                     param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                                    scan_layers=cfg.model.scan_layers, init=cfg.model.init)
+                                    scan_layers=cfg.model.scan_layers, init=cfg.model.init, lora=cfg.train.lora)
     tok = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else run.tokenizer
     if tok is None:
         raise JaxfoundError(f"model.init={cfg.model.init} has no tokenizer; set data.tokenizer to a tokenizer dir")
     params = base_params(run, head, labels)  # unrolled: open_run unstacks a scanned run
     return model_cfg, stack_layers(params, model_cfg.num_layers) if model_cfg.scan_layers else params, tok
-
-
-def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -> dict:
-    """Pretrained parts copied in; the rest (the new head) drawn as BERT does: N(0, 0.02) weights, zero biases."""
-    shapes = nn.unbox(abstract_params(model))
-    rng = np.random.default_rng([seed, 17])
-
-    def fresh(path, x):
-        name = getattr(path[-1], "key", "")
-        if name in ("kernel", "embedding"):
-            return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
-        return np.ones(x.shape, x.dtype) if name == "scale" else np.zeros(x.shape, x.dtype)
-
-    params = jax.tree_util.tree_map_with_path(fresh, {k: v for k, v in shapes.items() if k not in pretrained})
-    for key, value in pretrained.items():
-        if key in shapes:
-            if jax.tree.map(lambda x: tuple(x.shape), shapes[key]) != jax.tree.map(lambda x: tuple(np.shape(x)), value):
-                raise JaxfoundError(f"{source}: pretrained '{key}' params do not match the model config")
-            params[key] = value
-    return {k: params[k] for k in shapes}
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -154,8 +135,10 @@ def _model_and_data(cfg, task):
 
 def finetune(cfg) -> dict:
     """Fine-tune model.init on data.train, keep the best valid checkpoint, report on valid and test."""
-    initialize_distributed(cfg.mesh)
     task = resolve_task(cfg)
+    if isinstance(task, Instruction):
+        return sft.instruct(cfg)
+    initialize_distributed(cfg.mesh)
     _check(cfg, task)
     runs.check_run_dir(cfg.run.dir)
     model_cfg, pretrained, tokenizer, labels, splits = _model_and_data(cfg, task)
@@ -170,6 +153,7 @@ def finetune(cfg) -> dict:
     training = build(cfg, model, task.loss, seq_len, cfg.train.schedule_steps or total_steps,
                      init_params(model, seq_len, cfg.train.seed, pretrained, str(cfg.model.init)))
     predictor = Predictor(model, task, labels, tokenizer, seq_len, cfg.train.batch_size, training.mesh)
+    trainable = sft.report_trainable(cfg, training.state.params)
     job = Job(model=model, task=task, total_steps=total_steps, seq_len=seq_len,
               evaluate=lambda params, step: _headline(predictor.score(params, splits["valid"]))
               if "valid" in splits else {},
@@ -180,7 +164,8 @@ def finetune(cfg) -> dict:
               extra={"task": task.name, "labels": labels, "init": cfg.model.init,
                      "train_sentences": len(splits["train"].gold), "train_windows": len(splits["train"].windows),
                      "split_sentences": {n: s.windows.num_split for n, s in splits.items()},
-                     "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.buckets.tolist()},
+                     "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.buckets.tolist(),
+                     **trainable},
               data_fingerprint=fingerprint(splits["train"].windows.input_ids, splits["train"].windows.labels))
     summary = fit(cfg, job, training)
     if summary["preempted"]:  # SIGTERM: the checkpoint is saved; reports and registry wait for the resumed run

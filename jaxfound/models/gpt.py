@@ -39,12 +39,15 @@ class GPTDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids_BxL, attention_mask_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
-                 cache=None, index_B=None):
+                 cache=None, index_B=None, positions_BxL=None):
         cfg = self.cfg
         L = ids_BxL.shape[1]
         word = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             name="word")
-        positions = jnp.arange(L)[None] if cache is None else kv_cache.positions(index_B, L)
+        if cache is not None:
+            positions = kv_cache.positions(index_B, L)
+        else:
+            positions = jnp.arange(L)[None] if positions_BxL is None else positions_BxL
         h_BxLxD = word(ids_BxL) + layers.Embed(
             cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position"
         )(positions)
@@ -77,11 +80,11 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
                  masked_positions=None, deterministic: bool = True, cache=None, cache_index=None,
-                 vocab_major: bool = False):
+                 vocab_major: bool = False, positions=None):
         """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache). cache_index
         None: the cache is fresh (prefill from slot 0; the rows' padding is on the right).
         masked_positions (B, P): LM logits only at those positions. vocab_major: LM logits as (V, B * P) (see
-        layers.tied_logits)."""
+        layers.tied_logits). positions (B, L): token positions (default 0..L-1; packed rows reset them per example)."""
         cfg = self.cfg
         decoder = GPTDecoder(cfg, name="gpt")
         if cache is not None:
@@ -89,7 +92,7 @@ class GPT(nn.Module):
                 raise ValueError("a KV cache needs the 'lm' head")
             h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
         else:
-            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
+            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic, positions_BxL=positions)
         out = layers.decoder_head(cfg, self.head, h_BxLxD, decoder.variables["params"]["word"]["embedding"],
                                   True, input_ids, attention_mask, masked_positions, vocab_major)
         return out if cache is None else (out, cache)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfound.models import cache as kv_cache
+from jaxfound.models import lora as lora_lib
 from jaxfound.models.attention import attention  # noqa: F401  (layers.attention: the models' one entry point)
 from jaxfound.quant.int8 import quantized_dot
 from jaxfound.sharding import constrain  # noqa: F401  (re-exported for bert.py / gpt.py)
@@ -27,6 +28,8 @@ class Dense(nn.Module):
 
     A layer is quantized when its params hold a 'scale' (so ``quantize`` may leave some layers float);
     at init that is when quant != 'none'. An int8 layer applied with quant 'none' runs weight-only (w8).
+    A layer has a LoRA adapter (models.lora) when its params hold 'lora_a'; at init when lora.rank > 0 and
+    lora.targets match its path. The adapter's dropout applies when a 'dropout' rng is given (training).
     """
 
     features: int
@@ -35,6 +38,8 @@ class Dense(nn.Module):
     param_dtype: str = "float32"
     quant: str = "none"
     use_bias: bool = True
+    lora: object = None  # a config.LoraConfig, or None
+    arch: str = ""  # the trunk's top-level key, for lora.targets 'all-linear'
 
     @nn.compact
     def __call__(self, x):
@@ -54,7 +59,30 @@ class Dense(nn.Module):
             bias_init = part(nn.initializers.zeros, self.axes[1:])
             bias = self.param("bias", bias_init, (self.features,), DTYPES[self.param_dtype])
             y = y + bias.astype(dtype)
+        if self._adapted():
+            y = y + self._adapter(x, dtype)
         return y
+
+    def _adapted(self) -> bool:
+        if self.is_initializing():
+            return self.lora is not None and self.lora.rank > 0 and lora_lib.targets_module(
+                self.lora.targets, self.path, self.arch)
+        if self.has_variable("params", "lora_a") and self.lora is None:
+            raise ValueError(f"{'/'.join(self.path)} has a LoRA adapter but the model config has no lora (rank, "
+                             "alpha): build the model from the config it was trained with")
+        return self.has_variable("params", "lora_a")
+
+    def _adapter(self, x, dtype):
+        """(alpha / r) dropout(x) A B, A (in, r) and B (r, out) with the kernel's logical axes on in / out."""
+        part = nn.with_logical_partitioning
+        r, param_dtype = self.lora.rank, DTYPES[self.param_dtype]
+        a = self.param("lora_a", part(lora_lib.init_a, (self.axes[0], None)), (x.shape[-1], r), param_dtype)
+        b = self.param("lora_b", part(nn.initializers.zeros, (None, self.axes[1])), (r, self.features), param_dtype)
+        if self.lora.dropout > 0 and self.has_rng("dropout"):
+            x = dropout(x, self.lora.dropout, self.make_rng("dropout"))
+        xa = jnp.dot(x.astype(dtype), a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        xab = jnp.dot(xa, b.astype(dtype), preferred_element_type=jnp.float32)
+        return (xab * (self.lora.alpha / a.shape[-1])).astype(dtype)
 
 
 class Embed(nn.Module):
@@ -92,11 +120,16 @@ class Dropout(nn.Module):
     def __call__(self, x, deterministic: bool):
         if deterministic or self.rate == 0.0:
             return x
-        threshold = round(self.rate * 65536)
-        if threshold >= 65536:
-            return jnp.zeros_like(x)
-        keep = uniform_u16(self.make_rng("dropout"), x.shape) >= threshold
-        return jnp.where(keep, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
+def dropout(x, rate: float, rng):
+    """Dropout's function: x with elements dropped with probability ~rate (16-bit uniforms), the kept rescaled."""
+    threshold = round(rate * 65536)
+    if threshold >= 65536:
+        return jnp.zeros_like(x)
+    keep = uniform_u16(rng, x.shape) >= threshold
+    return jnp.where(keep, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
 
 
 def layer_norm(cfg, name):
@@ -111,7 +144,9 @@ def layer_norm(cfg, name):
 
 
 def dense(cfg, features, axes, name, use_bias=True):
-    return Dense(features, axes, cfg.dtype, cfg.param_dtype, cfg.quant, use_bias, name=name)
+    lora = getattr(cfg, "lora", None)
+    return Dense(features, axes, cfg.dtype, cfg.param_dtype, cfg.quant, use_bias, lora if lora and lora.rank else None,
+                 cfg.arch, name=name)
 
 
 def tied_logits(x, embedding, cfg, vocab_major: bool = False):

@@ -105,14 +105,14 @@ class LlamaDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids_BxL, attention_mask_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
-                 cache=None, index_B=None):
+                 cache=None, index_B=None, positions_BxL=None):
         cfg = self.cfg
         L = ids_BxL.shape[1]
         word = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             name="word")
         h_BxLxD = layers.constrain(layers.Dropout(cfg.dropout)(word(ids_BxL), deterministic=deterministic), ACT)
         if cache is None:
-            positions_BxL = jnp.arange(L)[None]
+            positions_BxL = jnp.arange(L)[None] if positions_BxL is None else positions_BxL
             mask = _training_mask(attention_mask_BxL, segment_ids_BxL, L, cfg.sliding_window)
         elif index_B is None:  # a fresh cache: rows are right-padded, so causal order alone hides the padding
             positions_BxL, mask = kv_cache.positions(None, L), _training_mask(None, None, L, cfg.sliding_window)
@@ -146,11 +146,11 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
                  masked_positions=None, deterministic: bool = True, cache=None, cache_index=None,
-                 vocab_major: bool = False):
+                 vocab_major: bool = False, positions=None):
         """cache / cache_index (B,): decode over a KV cache (models.cache); returns (logits, new cache). cache_index
         None: the cache is fresh (prefill from slot 0; the rows' padding is on the right).
         masked_positions (B, P): LM logits only at those positions. vocab_major: LM logits as (V, B * P) (see
-        layers.tied_logits)."""
+        layers.tied_logits). positions (B, L): token positions (default 0..L-1; packed rows reset them per example)."""
         cfg = self.cfg
         decoder = LlamaDecoder(cfg, name="llama")
         if cache is not None:
@@ -158,7 +158,7 @@ class Llama(nn.Module):
                 raise ValueError("a KV cache needs the 'lm' head")
             h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
         else:
-            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic)
+            h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic, positions_BxL=positions)
         out = layers.decoder_head(cfg, self.head, h_BxLxD, decoder.variables["params"]["word"]["embedding"],
                                   cfg.tie_embeddings, input_ids, attention_mask, masked_positions, vocab_major)
         return out if cache is None else (out, cache)

@@ -86,16 +86,19 @@ class Progress:
 
 
 class BestParams:
-    """Keeps the params with the highest value of metric in run_dir/best; the summary says which step."""
+    """Keeps the params with the highest value of metric ('-name': the lowest of name, e.g. '-eval_loss') in
+    run_dir/best; the summary says which step."""
 
     def __init__(self, run_dir, metric: str, summary: dict):
-        self.run_dir, self.metric, self.summary, self.best = run_dir, metric, summary, -np.inf
+        self.sign = -1.0 if metric.startswith("-") else 1.0
+        self.run_dir, self.metric, self.summary, self.best = run_dir, metric.lstrip("-"), summary, -np.inf
 
     def on_eval(self, step: int, params, metrics: dict):
-        if step > 0 and metrics.get(self.metric, -np.inf) > self.best:  # the untrained model is only a baseline
-            self.best = metrics[self.metric]
+        value = self.sign * metrics[self.metric] if self.metric in metrics else -np.inf
+        if step > 0 and value > self.best:  # the untrained model is only a baseline
+            self.best = value
             runs.save_best(self.run_dir, params)
-            self.summary["best"] = {"step": step, self.metric: self.best}
+            self.summary["best"] = {"step": step, self.metric: metrics[self.metric]}
 
 
 class Preemption:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxfound.models import TRUNK_KEYS
+from jaxfound.models import TRUNK_KEYS, lora
 
 NO_DECAY_NAMES = ("bias", "scale", "mlm_bias")  # LayerNorm scale/bias and every bias
 
@@ -32,17 +32,29 @@ def lr_schedule(train_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, train_cfg.lr, warmup), decay], [warmup])
 
 
-def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping -> AdamW (decoupled decay masked off biases and norms)."""
+def make_optimizer(train_cfg, total_steps: int, arch: str = "bert") -> optax.GradientTransformation:
+    """Global-norm clipping -> AdamW (decoupled decay masked off biases and norms); only the leaves that
+    trainable_labels marks 'train' get updates and optimizer state."""
     adamw = optax.adamw(
         lr_schedule(train_cfg, total_steps),
         b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
         weight_decay=train_cfg.weight_decay, mask=decay_mask,
     )
     tx = optax.chain(clip_by_global_norm(train_cfg.clip_norm), adamw) if train_cfg.clip_norm > 0 else adamw
-    if train_cfg.freeze == "trunk":  # no update and no optimizer state for the trunk (not even weight decay)
-        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels)
+    labels = trainable_labels(train_cfg, arch)
+    if labels is not None:  # no update and no optimizer state for frozen leaves (not even weight decay)
+        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
+
+
+def trainable_labels(train_cfg, arch: str):
+    """params -> 'train' / 'frozen' per leaf (optax.multi_transform labels), or None when everything trains:
+    train.freeze=trunk trains the head, train.lora.rank > 0 the adapters and a new task head (models.lora)."""
+    if train_cfg.lora.rank > 0:
+        return lambda params: lora.trainable_labels(params, arch)
+    if train_cfg.freeze == "trunk":
+        return frozen_labels
+    return None
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:

@@ -7,12 +7,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxfound.models import abstract_params
+from jaxfound.errors import JaxfoundError
+from jaxfound.models import abstract_params, lora
 from jaxfound.sharding import logical_shardings
 
 
@@ -65,3 +67,32 @@ def init_state(model, tx, mesh, seq_len: int, seed: int, shardings: TrainState |
                           nonfinite_steps=jnp.zeros((), jnp.int32))
 
     return jax.jit(make, out_shardings=shardings)(jax.random.key(seed), params)
+
+
+def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -> dict:
+    """Pretrained parts copied in; the rest (the new head) drawn as BERT does: N(0, 0.02) weights, zero biases;
+    LoRA adapters as PEFT draws them (A kaiming-uniform, B = 0: the adapted model starts as its base)."""
+    shapes = nn.unbox(abstract_params(model))
+    rng = np.random.default_rng([seed, 17])
+    adapter_rng = np.random.default_rng([seed, 18])
+
+    def fresh_adapter(path, x):
+        if getattr(path[-1], "key", "") == "lora_a":
+            bound = 1.0 / np.sqrt(x.shape[-2])
+            return adapter_rng.uniform(-bound, bound, x.shape).astype(x.dtype)
+        return np.zeros(x.shape, x.dtype)
+
+    def fresh(path, x):
+        name = getattr(path[-1], "key", "")
+        if name in ("kernel", "embedding"):
+            return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+        return np.ones(x.shape, x.dtype) if name == "scale" else np.zeros(x.shape, x.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fresh, {k: v for k, v in shapes.items() if k not in pretrained})
+    for key, value in pretrained.items():
+        if key in shapes:
+            base, adapters = lora.split(shapes[key])
+            if jax.tree.map(lambda x: tuple(x.shape), base) != jax.tree.map(lambda x: tuple(np.shape(x)), value):
+                raise JaxfoundError(f"{source}: pretrained '{key}' params do not match the model config")
+            params[key] = lora.combine(value, jax.tree_util.tree_map_with_path(fresh_adapter, adapters))
+    return {k: params[k] for k in shapes}

@@ -17,16 +17,19 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int = 1, frozen: tuple[str, ...] = ()):
+def train_step(state, batch, *, model, tx, loss_fn, seed: int, grad_accum: int = 1, labels=None):
     """One update: (state, batch) -> (state, metrics). Pure; dropout rng is a function of (seed, step).
 
-    frozen: top-level param keys (e.g. the trunk 'bert') that get no gradient, so no backward pass runs through them.
+    labels: params -> 'train' / 'frozen' per leaf (optim.trainable_labels); frozen leaves get no gradient, so no
+    weight-gradient product is computed for them.
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def grad_sums(micro, rng):
         def f(params):
-            params = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
+            if labels is not None:
+                params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                                      params, labels(params))
             sums = loss_fn(model, params, micro, rng, True)
             return sums["loss_sum"], sums
         return jax.grad(f, has_aux=True)(state.params)
@@ -91,10 +94,9 @@ def _with_rules(fn, mesh):
     return wrapped
 
 
-def make_train_step(model, tx, loss_fn, mesh, shardings, seed: int, grad_accum: int = 1, frozen: tuple[str, ...] = ()):
+def make_train_step(model, tx, loss_fn, mesh, shardings, seed: int, grad_accum: int = 1, labels=None):
     """train_step jitted with in/out shardings over the mesh and the state donated."""
-    fn = partial(train_step, model=model, tx=tx, loss_fn=loss_fn, seed=seed, grad_accum=grad_accum,
-                 frozen=tuple(frozen))
+    fn = partial(train_step, model=model, tx=tx, loss_fn=loss_fn, seed=seed, grad_accum=grad_accum, labels=labels)
     replicated = NamedSharding(mesh, P())
     return jax.jit(_with_rules(fn, mesh), in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
