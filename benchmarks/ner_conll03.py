@@ -48,6 +48,7 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
         f"data.valid={files['valid']}", f"data.test={files['test']}", f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.seed={seed}",
         f"data.seq_len={args.seq_len}", f"model.dtype={args.dtype}",
+        *([f"train.lora.rank={args.lora_rank}", f"train.lora.alpha={2 * args.lora_rank}"] if args.lora_rank else []),
     ], verb="finetune")
     t0 = time.perf_counter()
     summary = finetune(cfg)
@@ -56,7 +57,8 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
     valid_f1 = [r["f1"] for r in rows if "f1" in r and r["step"] > 0]  # not the untrained model
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     test = summary["reports"]["test"]
-    return {"side": "jaxfound", "seed": seed, "seconds_fit": summary["seconds"], "seconds_total": round(total, 1),
+    return {"side": "jaxfound" + (f" LoRA r={args.lora_rank}" if args.lora_rank else ""), "seed": seed,
+            "trainable_params": summary.get("trainable_params"), "seconds_fit": summary["seconds"], "seconds_total": round(total, 1),
             "valid_f1_by_epoch": valid_f1, "test_entity_f1": test["f1"], "test_token_micro_f1": test["token_micro_f1"],
             "train_tokens_per_s_median": float(np.median(tok_s)) if tok_s else None,
             "batch_lengths": summary.get("batch_lengths")}
@@ -86,9 +88,16 @@ def run_torch(files: dict, args, seed: int, order_kind: str) -> dict:
                                   tok, args.seq_len) for k, v in splits.items()}
     model = BertForTokenClassification.from_pretrained(
         args.model, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=l2i)
+    if args.lora_rank:  # PEFT on the same layers as jaxfound's all-linear: every Dense of the encoder
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, task_type="TOKEN_CLS",
+            target_modules=["query", "key", "value", "dense"]))
     no_decay = ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": 0.01},
-              {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": 0.01},
+              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-8)
     train = enc["train"]
     steps_per_epoch = -(-len(train) // args.batch_size)
@@ -152,7 +161,8 @@ def run_torch(files: dict, args, seed: int, order_kind: str) -> dict:
     seconds = time.perf_counter() - t0
     model.load_state_dict(best_state)
     test_f1, test_tok = evaluate("test")
-    return {"side": f"pytorch ({order_kind})", "seed": seed, "seconds_fit": round(seconds, 1),
+    return {"side": f"pytorch ({order_kind})" + (f" PEFT LoRA r={args.lora_rank}" if args.lora_rank else ""),
+            "seed": seed, "trainable_params": sum(p.numel() for n, p in named), "seconds_fit": round(seconds, 1),
             "valid_f1_by_epoch": valid_f1,
             "test_entity_f1": test_f1, "test_token_micro_f1": test_tok,
             "train_tokens_per_s_overall": round(real_tokens / seconds, 1),
@@ -171,6 +181,8 @@ def main(argv=None) -> int:
                    help="PyTorch batch order(s): Trainer's default random batches, and/or length-grouped")
     p.add_argument("--limit", type=int, default=None, help="first N sentences of every split (smoke run)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (alpha 2r) on every Dense of "
+                   "the encoder, the head trained in full: jaxfound train.lora vs PEFT (use a larger --lr, e.g. 1e-3)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="jaxfound compute dtype")

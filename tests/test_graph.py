@@ -83,7 +83,7 @@ def test_building_errors_name_what_is_valid(g):
         G.add_edge(g, "bert-ner", "conll", "finetuned_from")
     with pytest.raises(JaxfoundError, match="'bert-ner' already exists"):
         G.add_model(g, "bert-ner")
-    with pytest.raises(JaxfoundError, match="no model named 'bert-huge'"):
+    with pytest.raises(JaxfoundError, match="no model or adapter named 'bert-huge'"):
         G.register_finetune(g, "x", None, "bert-huge", "conll", "ner")
 
 
@@ -91,7 +91,7 @@ def test_building_errors_name_what_is_valid(g):
     ("{not json", "malformed JSON at line 1"),
     ('{"format": "something-else"}', "not a jaxfound graph"),
     ('{"format": "jaxfound-graph/1", "vertices": [{"name": "a", "kind": "optimizer"}]}',
-     "vertex 0: vertex kind 'optimizer' is unknown; valid kinds: model, dataset, task, tokenizer"),
+     "vertex 0: vertex kind 'optimizer' is unknown; valid kinds: model, adapter, dataset, task, tokenizer"),
     ('{"format": "jaxfound-graph/1", "vertices": [{"name": "a", "kind": "model"}],'
      ' "edges": [{"source": "a", "target": "ghost", "relation": "finetuned_from"}]}',
      "edge 0 \\(finetuned_from\\) points to 'ghost', which is not a vertex"),

@@ -108,7 +108,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed:
 def describe(g: ig.Graph) -> str:
     """A table of the models (root, trunk signature, scores) and the counts of everything else."""
     rows = [f"{'model':<30} {'root':<24} {'sig':<8} {'scores'}"]
-    for v in g.vs.select(kind_eq="model") if g.vcount() else []:
+    for v in graph.models(g) if g.vcount() else []:
         root = graph.root_model(g, v["name"]) or "(several)"
         sig = (graph.attr(v, "signature") or "-")[:8]
         sc = ", ".join(f"{s['task']} {s['metric']}/{s['split']}={s['value']:.4f}" for s in graph.scores(g, v["name"])

@@ -16,6 +16,7 @@ import igraph as ig
 from jaxfound import runs
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
+from jaxfound.models import lora
 from jaxfound.tasks import resolve_task
 
 GENERIC_STEMS = ("train", "input", "valid", "dev", "test", "data", "corpus")
@@ -45,7 +46,7 @@ def task_name(cfg) -> str:
 
 def _find_by_path(g: ig.Graph, path: str | Path) -> str | None:
     want = str(Path(path).resolve())
-    return next((v["name"] for v in g.vs.select(kind_eq="model") if graph.attr(v, "path") == want), None) \
+    return next((v["name"] for v in graph.models(g) if graph.attr(v, "path") == want), None) \
         if g.vcount() else None
 
 
@@ -101,16 +102,22 @@ def register_finetune_run(cfg, summary: dict | None = None, params=None, *, name
     dataset = dataset_name(cfg.data.train)
     if params is None:
         params = runs.load_best(run_dir)
-    signature = graph.trunk_signature(params)
+    signature = graph.trunk_signature(lora.split(params)[0])  # an adapter's base trunk: the base's signature
     if _fresh(g, name, str(run_dir), cfg.run.registry):
         base = _find_by_path(g, cfg.model.init) if cfg.model.init else None
         if base is None:  # the base is registered the first time a fine-tune names it
             base = model_name(cfg.model.init) if cfg.model.init else f"{name}-init"
             graph.register_pretrain(g, base, str(Path(cfg.model.init).resolve()) if cfg.model.init else None,
                                     f"{base}-corpus", arch=cfg.model.arch, signature=signature)
-        graph.register_finetune(g, name, str(run_dir), base, dataset, task, signature=signature,
-                                labels=runs.read_labels(run_dir), seed=cfg.train.seed, lr=cfg.train.lr,
-                                content_hash=_hash(run_dir / "best"))
+        common = dict(signature=signature, labels=runs.read_labels(run_dir), seed=cfg.train.seed, lr=cfg.train.lr,
+                      content_hash=_hash(run_dir / "best"))
+        if cfg.train.lora.rank:
+            lo = cfg.train.lora
+            graph.register_adapter(g, name, str(run_dir), base, dataset, task, rank=lo.rank, alpha=lo.alpha,
+                                   targets=lo.targets, base_hash=_hash(Path(cfg.model.init)) if cfg.model.init
+                                   else None, **common)
+        else:
+            graph.register_finetune(g, name, str(run_dir), base, dataset, task, **common)
     _record_scores(g, name, _summary_scores(task, summary), task)
     graph.save(g, cfg.run.registry)
     return name

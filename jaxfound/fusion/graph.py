@@ -23,20 +23,23 @@ from jaxfound.models import scan
 
 GRAPH_FILE = "graph.json"
 FORMAT = "jaxfound-graph/1"
-KINDS = ("model", "dataset", "task", "tokenizer")
-# relation -> (source kind, target kind)
+KINDS = ("model", "adapter", "dataset", "task", "tokenizer")
+MODELS = ("model", "adapter")  # what can be trained, scored, merged: whole models and LoRA adapters on a base
+# relation -> (source kind(s), target kind(s))
 RELATIONS = {
     "pretrained_on": ("model", "dataset"),
-    "finetuned_from": ("model", "model"),
-    "trained_on": ("model", "dataset"),
-    "evaluated_on": ("model", "task"),
-    "merged_from": ("model", "model"),
-    "quantized_from": ("model", "model"),
+    "finetuned_from": (MODELS, MODELS),
+    "adapter_of": ("adapter", MODELS),  # a LoRA adapter and the base it was trained on (rank, targets, base hash)
+    "trained_on": (MODELS, "dataset"),
+    "evaluated_on": (MODELS, "task"),
+    "merged_from": (MODELS, MODELS),
+    "quantized_from": ("model", MODELS),
     "defined_on": ("task", "dataset"),
-    "tokenized_with": ("model", "tokenizer"),
+    "tokenized_with": (MODELS, "tokenizer"),
 }
-PARENT_RELATIONS = ("finetuned_from", "merged_from", "quantized_from")
-KIND_COLORS = {"model": "#4c72b0", "dataset": "#55a868", "task": "#dd8452", "tokenizer": "#8172b3"}
+PARENT_RELATIONS = ("finetuned_from", "adapter_of", "merged_from", "quantized_from")
+KIND_COLORS = {"model": "#4c72b0", "adapter": "#64b5cd", "dataset": "#55a868", "task": "#dd8452",
+               "tokenizer": "#8172b3"}
 
 
 # ---------------------------------------------------------------- building
@@ -47,16 +50,24 @@ def new_graph() -> ig.Graph:
     return ig.Graph(directed=True)
 
 
-def vertex(g: ig.Graph, name: str, kind: str | None = None) -> ig.Vertex:
-    """The vertex called name (of that kind, when given), or a JaxfoundError listing what exists."""
+def vertex(g: ig.Graph, name: str, kind: str | tuple[str, ...] | None = None) -> ig.Vertex:
+    """The vertex called name (of that kind or one of those kinds, when given), or a JaxfoundError listing what
+    exists."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     found = g.vs.select(name_eq=name) if g.vcount() else []
+    what = " or ".join(kinds) if kinds else "vertex"
     if not found:
-        known = [v["name"] for v in g.vs if kind is None or v["kind"] == kind]
-        raise JaxfoundError(f"no {kind or 'vertex'} named '{name}' in the graph; known: {known}")
+        known = [v["name"] for v in g.vs if kinds is None or v["kind"] in kinds]
+        raise JaxfoundError(f"no {what} named '{name}' in the graph; known: {known}")
     v = found[0]
-    if kind is not None and v["kind"] != kind:
-        raise JaxfoundError(f"'{name}' is a {v['kind']}, not a {kind}")
+    if kinds is not None and v["kind"] not in kinds:
+        raise JaxfoundError(f"'{name}' is a {v['kind']}, not a {what}")
     return v
+
+
+def models(g: ig.Graph) -> list[ig.Vertex]:
+    """Every model and adapter vertex."""
+    return list(g.vs.select(kind_in=MODELS)) if g.vcount() else []
 
 
 def attr(item: ig.Vertex | ig.Edge, key: str):
@@ -96,8 +107,8 @@ def add_edge(g: ig.Graph, source: str, target: str, relation: str, **attrs) -> i
     """source --relation--> target, checked against the kinds RELATIONS allows."""
     if relation not in RELATIONS:
         raise JaxfoundError(f"relation '{relation}' is unknown; valid relations: {', '.join(RELATIONS)}")
-    src_kind, dst_kind = RELATIONS[relation]
-    s, t = vertex(g, source, src_kind), vertex(g, target, dst_kind)
+    src_kinds, dst_kinds = RELATIONS[relation]
+    s, t = vertex(g, source, src_kinds), vertex(g, target, dst_kinds)
     return g.add_edge(s.index, t.index, relation=relation, **{k: v for k, v in attrs.items() if v is not None})
 
 
@@ -110,7 +121,7 @@ def ensure(g: ig.Graph, kind: str, name: str) -> None:
 
 def record_score(g: ig.Graph, model: str, task: str, metric: str, value: float, split: str = "test") -> None:
     """model --evaluated_on--> task with (metric, split, value), replacing an earlier score of the same key."""
-    m, t = vertex(g, model, "model"), vertex(g, task, "task")
+    m, t = vertex(g, model, MODELS), vertex(g, task, "task")
     old = [e.index for e in out_edges(g, m, ["evaluated_on"])
            if e.target == t.index and attr(e, "metric") == metric and attr(e, "split") == split]
     g.delete_edges(old)
@@ -132,7 +143,7 @@ def register_pretrain(g: ig.Graph, model: str, path: str | None, dataset: str, *
 def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, dataset: str, task: str,
                       scores: Mapping[str, float] | None = None, split: str = "test", **attrs) -> ig.Vertex:
     """A fine-tuned model: finetuned_from base, trained_on dataset, evaluated_on task with scores {metric: value}."""
-    base_v = vertex(g, base, "model")
+    base_v = vertex(g, base, MODELS)
     # a fine-tune keeps its base's trunk unless told otherwise (e.g. a resized vocabulary)
     attrs = {"arch": attr(base_v, "arch"), "signature": attr(base_v, "signature")} | attrs
     v = add_model(g, model, path=path, **attrs)
@@ -148,10 +159,32 @@ def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, data
     return v
 
 
+def register_adapter(g: ig.Graph, adapter: str, path: str | None, base: str, dataset: str, task: str, *,
+                     rank: int, alpha: float, targets: str, base_hash: str | None = None,
+                     scores: Mapping[str, float] | None = None, split: str = "test", **attrs) -> ig.Vertex:
+    """A LoRA adapter: adapter_of its base (rank, alpha, targets and the base's content hash on the edge), trained_on
+    dataset, evaluated_on task; it shares the base's arch and trunk signature, so it merges with the base's other
+    fine-tunes and adapters (runs open an adapter run with its adapters folded in)."""
+    base_v = vertex(g, base, MODELS)
+    attrs = {"arch": attr(base_v, "arch"), "signature": attr(base_v, "signature")} | attrs
+    v = _add_vertex(g, "adapter", adapter, dict(path=path, rank=rank, alpha=alpha, targets=targets, created=(
+        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")), **attrs))
+    add_edge(g, adapter, base, "adapter_of", rank=rank, alpha=alpha, targets=targets, base_hash=base_hash)
+    ensure(g, "dataset", dataset)
+    add_edge(g, adapter, dataset, "trained_on")
+    ensure(g, "task", task)
+    task_v, dataset_v = vertex(g, task), vertex(g, dataset)
+    if not any(e.target == dataset_v.index for e in out_edges(g, task_v, ["defined_on"])):
+        add_edge(g, task, dataset, "defined_on")
+    for metric, value in (scores or {}).items():
+        record_score(g, adapter, task, metric, value, split)
+    return v
+
+
 def register_merge(g: ig.Graph, model: str, path: str | None, sources: Mapping[str, float], method: str,
                    **attrs) -> ig.Vertex:
     """A merged model: merged_from each source with (method, coefficient)."""
-    first = vertex(g, next(iter(sources)), "model") if sources else None
+    first = vertex(g, next(iter(sources)), MODELS) if sources else None
     if first is None:
         raise JaxfoundError(f"register_merge '{model}': sources is empty; give {{model name: coefficient}}")
     attrs = {"arch": attr(first, "arch"), "signature": attr(first, "signature")} | attrs
@@ -164,7 +197,7 @@ def register_merge(g: ig.Graph, model: str, path: str | None, sources: Mapping[s
 def register_quantize(g: ig.Graph, model: str, path: str | None, source: str, method: str = "int8",
                       **attrs) -> ig.Vertex:
     """A quantized model; its signature differs from the source's, so it is never offered for merging."""
-    src = vertex(g, source, "model")
+    src = vertex(g, source, MODELS)
     v = add_model(g, model, path=path, arch=attr(src, "arch"), quantization=method, **attrs)
     add_edge(g, model, source, "quantized_from", method=method)
     return v
@@ -301,7 +334,7 @@ def in_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edg
 def lineage(g: ig.Graph, model: str) -> list[str]:
     """Ancestors, nearest first (breadth-first, edges in insertion order), through fine-tune/merge/quantize
     edges and ending with pretraining corpora."""
-    start = vertex(g, model, "model")
+    start = vertex(g, model, MODELS)
     order, seen, frontier = [], {start.index}, [start]
     while frontier:
         nxt = []
@@ -317,7 +350,7 @@ def lineage(g: ig.Graph, model: str) -> list[str]:
 
 def root_model(g: ig.Graph, model: str) -> str | None:
     """The pretrained model every line of descent of model leads to (None when merged across bases)."""
-    v = vertex(g, model, "model")
+    v = vertex(g, model, MODELS)
     parents = [g.vs[e.target]["name"] for e in out_edges(g, v, PARENT_RELATIONS)]
     if not parents:
         return model
@@ -327,15 +360,15 @@ def root_model(g: ig.Graph, model: str) -> str | None:
 
 def compatible_models(g: ig.Graph, base: str) -> list[str]:
     """Models descending from the pretrained base whose arch and trunk signature match it (merge candidates)."""
-    b = vertex(g, base, "model")
-    return [v["name"] for v in g.vs.select(kind_eq="model")
+    b = vertex(g, base, MODELS)
+    return [v["name"] for v in models(g)
             if v["name"] != base and attr(v, "arch") == attr(b, "arch") and attr(v, "signature") == attr(b, "signature")
             and root_model(g, v["name"]) == base]
 
 
 def scores(g: ig.Graph, model: str) -> list[dict]:
     """Every recorded score of model: [{task, metric, split, value}]."""
-    v = vertex(g, model, "model")
+    v = vertex(g, model, MODELS)
     return [{"task": g.vs[e.target]["name"], "metric": e["metric"], "split": e["split"], "value": e["value"]}
             for e in out_edges(g, v, ["evaluated_on"])]
 

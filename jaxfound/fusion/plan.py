@@ -162,7 +162,7 @@ def _score_models(g: ig.Graph, target_task: str, split: str, metric: str, relate
                   related_weight: float) -> list[tuple]:
     """(vertex, task, r_i, s_i, why it cannot be a candidate or None) for every model, from graph structure."""
     found = []
-    for v in g.vs.select(kind_eq="model"):
+    for v in graph.models(g):
         scored = _split_scores(g, v["name"], split)
         task, r = ((target_task, 1.0) if target_task in scored
                    else (next((t for t in sorted(scored) if t in related), None), related_weight))
@@ -243,7 +243,7 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
         if not direct:
             raise JaxfoundError(f"no fine-tune of '{target_task}' has a '{metric}' score on '{split}'")
         base = graph.root_model(g, max(direct, key=lambda vs: vs[1])[0]["name"])
-    base_v = graph.vertex(g, base, "model")
+    base_v = graph.vertex(g, base, graph.MODELS)
     picked, excluded = _pick_candidates(g, found, base_v, target_task, method)
     best_of = {}
     for _, t, _, s in picked:

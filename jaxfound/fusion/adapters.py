@@ -1,0 +1,67 @@
+"""Merging LoRA adapters that share a base.
+
+A weighted sum of adapters is itself an adapter, exactly: sum_i w_i (alpha_i / r_i) A_i B_i = (alpha / R) A B with A
+the A_i side by side and B the B_i stacked, each scaled by w_i (alpha_i / r_i) / (alpha / R), R = sum r_i.
+
+    params, lora_cfg = linear_adapters([params_1, params_2], [lora_1, lora_2], weights=[0.5, 0.5])
+
+Methods that act on whole update matrices (TIES' trimming and sign election, DARE's drops) do not keep the rank: they
+run on the folded models (their deltas from the base are the adapters' W updates) through jaxfound.fusion.merge or the
+knowledge-graph plan, whose runs open LoRA run dirs with their adapters folded in, and give a folded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxfound.config import LoraConfig
+from jaxfound.errors import JaxfoundError
+from jaxfound.models import lora
+
+
+def _adapter_paths(adapters: Mapping, prefix: tuple = ()) -> dict[tuple, dict]:
+    out = {}
+    for key, value in adapters.items():
+        if isinstance(value, Mapping) and "lora_a" in value:
+            out[prefix + (key,)] = value
+        elif isinstance(value, Mapping):
+            out |= _adapter_paths(value, prefix + (key,))
+    return out
+
+
+def linear_adapters(params: Sequence[Mapping], configs: Sequence[LoraConfig], weights: Sequence[float] | None = None
+                    ) -> tuple[dict, LoraConfig]:
+    """(params whose adapters are the exact weighted sum of the inputs' adapters, its LoraConfig: rank = the sum of
+    ranks, alpha = rank). Base weights and other leaves (heads) come from the first params, averaged by weights
+    when they differ (a trained head is part of each adapter)."""
+    n = len(params)
+    if n < 2 or len(configs) != n:
+        raise JaxfoundError(f"linear_adapters needs >= 2 params with one LoraConfig each, got {n} and {len(configs)}")
+    weights = np.full(n, 1.0 / n) if weights is None else np.asarray(weights, np.float64)
+    bases, adapters = zip(*(lora.split(jax.device_get(dict(p))) for p in params))
+    found = [_adapter_paths(a) for a in adapters]
+    if any(set(f) != set(found[0]) for f in found):
+        raise JaxfoundError("the adapters sit on different layers; merge adapters trained with the same targets")
+    for i, b in enumerate(bases[1:], 1):
+        if jax.tree.structure(b) != jax.tree.structure(bases[0]):
+            raise JaxfoundError(f"adapter {i}'s base params differ in structure from adapter 0's: not the same base")
+    rank = sum(c.rank for c in configs)
+    merged = {}
+    for path in found[0]:
+        a = np.concatenate([np.asarray(f[path]["lora_a"], np.float32) for f in found], axis=-1)
+        b = np.concatenate([np.asarray(f[path]["lora_b"], np.float32) * (w * c.alpha / c.rank)
+                            for f, c, w in zip(found, configs, weights)], axis=-2)
+        node = merged
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = {"lora_a": a, "lora_b": b}  # alpha = rank: scale 1, the weights live in B
+    heads = jax.tree.map(lambda *xs: sum(w * np.asarray(x, np.float32) for w, x in zip(weights, xs)) / weights.sum(),
+                         *bases)
+    cfg = LoraConfig(rank=rank, alpha=float(rank), dropout=configs[0].dropout, targets=configs[0].targets)
+    return lora.combine(heads, merged), cfg
+
+
+__all__ = ["linear_adapters"]

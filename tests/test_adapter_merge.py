@@ -1,0 +1,101 @@
+"""LoRA adapters in the knowledge graph and in merges: an exact linear merge of adapters (jaxfound.fusion.adapters),
+LoRA fine-tunes registered as adapter vertices (adapter_of their base, with rank, targets and the base's hash), and
+the graph's plan merging adapters that share a base."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxfound.config import LoraConfig, ModelConfig, load_config
+from jaxfound.errors import JaxfoundError
+from jaxfound.fusion import graph
+from jaxfound.fusion.adapters import linear_adapters
+from jaxfound.models import build_model, lora
+
+transformers = pytest.importorskip("transformers")
+
+TINY = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   intermediate_size=48, max_position=64, activation="silu")
+
+
+def _adapted(rank, alpha, seed, targets="all-linear"):
+    cfg = dataclasses.replace(TINY, lora=LoraConfig(rank=rank, alpha=alpha, targets=targets))
+    model = build_model(cfg, "lm")
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])  # one base for all
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) if lora.is_adapter(p) else x, params)
+    return model, params, cfg.lora
+
+
+def test_linear_merge_of_adapters_is_exact_and_an_adapter_itself():
+    (_, p1, c1), (_, p2, c2) = _adapted(4, 8.0, 1), _adapted(2, 16.0, 2)
+    p2 = lora.combine(lora.split(p1)[0], lora.split(p2)[1])  # the same base under both
+    merged, cfg = linear_adapters([p1, p2], [c1, c2], weights=[0.7, 0.3])
+    assert cfg.rank == 6 and merged["llama"]["layer_0"]["attention"]["query"]["lora_a"].shape == (32, 6)
+    want = 0.7 * np.asarray(lora.fold(p1, 8.0)["llama"]["layer_1"]["mlp"]["down"]["kernel"]) + 0.3 * np.asarray(
+        lora.fold(p2, 16.0)["llama"]["layer_1"]["mlp"]["down"]["kernel"])
+    got = np.asarray(lora.fold(merged, cfg.alpha)["llama"]["layer_1"]["mlp"]["down"]["kernel"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    model = build_model(dataclasses.replace(TINY, lora=cfg), "lm")  # runs as an adapter of rank 6
+    ids = jnp.arange(10)[None] % 97
+    plain = build_model(TINY, "lm")
+    np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids)),
+                               np.asarray(plain.apply({"params": lora.fold(merged, cfg.alpha)}, ids)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_on_other_layers_do_not_merge():
+    (_, p1, c1), (_, p2, c2) = _adapted(2, 4.0, 1), _adapted(2, 4.0, 2, targets="attention")
+    with pytest.raises(JaxfoundError, match="different layers"):
+        linear_adapters([p1, p2], [c1, c2])
+
+
+@pytest.fixture(scope="module")
+def registry_with_adapters(tmp_path_factory):
+    """Two LoRA NER fine-tunes and one full fine-tune of one tiny BERT, each registered in one registry."""
+    from jaxfound.app.finetune import finetune
+    from tests.test_finetune import tiny_bert_dir, write_toy_conll
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_bert_dir(root / "base")
+    data = root / "toyner"
+    data.mkdir()
+    train, valid = write_toy_conll(data / "train.txt", 240, seed=1), write_toy_conll(data / "valid.txt", 64, seed=2)
+    common = [f"model.init={base}", f"data.train={train}", f"data.valid={valid}", f"data.test={valid}",
+              "data.seq_len=32", "train.task=ner", "train.epochs=4", "train.batch_size=16", "checkpoint.every=0",
+              "model.dropout=0.0", f"run.registry={root / 'reg'}"]
+    summaries = {}
+    for name, extra in (("lora-a", ["train.lora.rank=8", "train.lr=3e-2", "train.seed=1"]),
+                        ("lora-b", ["train.lora.rank=8", "train.lr=3e-2", "train.seed=2"])):
+        summaries[name] = finetune(load_config(None, [f"run.dir={root / name}", *common, *extra]))
+    return {"root": root, "reg": root / "reg", "base": base, "summaries": summaries}
+
+
+def test_lora_runs_are_adapter_vertices_of_their_base(registry_with_adapters):
+    g = graph.load(registry_with_adapters["reg"])
+    v = graph.vertex(g, "lora-a")
+    assert v["kind"] == "adapter" and v["rank"] == 8 and v["targets"] == "all-linear"
+    (edge,) = graph.out_edges(g, v, ["adapter_of"])
+    assert g.vs[edge.target]["name"] == "base" and edge["rank"] == 8
+    assert edge["base_hash"] == graph.content_hash(registry_with_adapters["base"])
+    assert v["signature"] == graph.vertex(g, "base")["signature"]  # the base's trunk: mergeable with its fine-tunes
+    assert graph.root_model(g, "lora-a") == "base" and graph.lineage(g, "lora-a")[0] == "base"
+    assert {s["split"] for s in graph.scores(g, "lora-a") if s["metric"] == "f1"} == {"valid", "test"}
+
+
+def test_the_graph_plan_merges_adapters_that_share_a_base(registry_with_adapters, tmp_path):
+    from jaxfound.app.merge import merge_from_registry
+
+    reg = registry_with_adapters["reg"]
+    report = merge_from_registry(reg, "toyner/ner", "average", tmp_path / "merged", force=True)
+    assert sorted(report["coefficients"]) == ["lora-a", "lora-b"]  # the adapters are the plan's candidates
+    g = graph.load(reg)
+    merged = graph.vertex(g, report["name"])
+    assert sorted(g.vs[e.target]["name"] for e in graph.out_edges(g, merged, ["merged_from"])) == ["lora-a", "lora-b"]
+    valid = {n: s["reports"]["valid"]["f1"] for n, s in registry_with_adapters["summaries"].items()}
+    assert report["score"] > 0.5 * min(valid.values())  # averaged adapters of one task keep most of the score
