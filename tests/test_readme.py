@@ -111,3 +111,43 @@ def test_readme_compile_commands_run(tmp_path):
     report = json.loads((tmp_path / "gpt2m.json").read_text())
     assert report["topology"] == "v5e:4x4" and report["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
     assert "[train] compiled" in out.stdout and "on v5p:2x2x2" in out.stdout
+
+
+def test_readme_lora_and_sft_commands_run(tmp_path, smollm2_tokenizer):
+    """The LoRA section's bash block, run by bash as written, on toy CoNLL files (one epoch) and, for SmolLM2, a tiny
+    random Llama with SmolLM2's tokenizer and chat template (two epochs of a toy chat file): the PEFT adapter is
+    written and the SFT run generates."""
+    import json
+    import subprocess
+
+    import torch
+    import transformers
+
+    from tests.test_finetune import write_toy_conll
+    from tests.test_sft import _chat
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### LoRA and instruction fine-tuning", 1)[1].split("\n### ", 1)[0]
+    bash = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    for split, n in (("train", 96), ("valid", 32), ("test", 32)):
+        write_toy_conll(tmp_path / f"{split}.txt", n, seed=len(split))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                   max_position_embeddings=128, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "tiny_llama"))
+    smollm2_tokenizer.save_pretrained(str(tmp_path / "tiny_llama"))
+    for name, ids in (("chat_train", range(24)), ("chat_valid", range(24, 32))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
+    script = (bash.replace("CONLL=../shared/data/conll2003", f"CONLL={tmp_path}").replace("runs/", f"{tmp_path}/runs/")
+              .replace("train.lr=1e-3", "train.lr=1e-3 train.epochs=1")
+              .replace("$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf", str(tmp_path / "tiny_llama"))
+              .replace("data.train=chat_train.jsonl", f"data.train={tmp_path}/chat_train.jsonl data.seq_len=64 "
+                       "train.batch_size=8 train.epochs=2")
+              .replace("data.valid=chat_valid.jsonl", f"data.valid={tmp_path}/chat_valid.jsonl"))
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", "-c", "set -e\n" + script], capture_output=True, text=True, timeout=900, cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "ner_lora_peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert (tmp_path / "runs" / "sft" / "best").exists() and "LoRA rank 16" in out.stdout
