@@ -1,6 +1,8 @@
-"""`jaxfound quantize`: a fine-tuned (or merged) run dir -> an int8 run dir that evaluate / predict load on their own.
+"""`jaxfound quantize`: a fine-tuned (or merged) run dir -> an int8 run dir that evaluate / predict load on their own;
+a decoder (a jaxfound run dir, a transformers dir or a GGUF file) -> an int8 run dir that generate / serve load.
 
     report = quantize_run("runs/ner", "w8", "runs/ner-w8", eval_file="test.txt")
+    report = quantize_run("SmolLM2.gguf", "w8", "runs/smol-w8", eval_file="held_out.txt")   # next-token loss
 
 The quantized dir holds config.json (model.quant = the mode), labels.json, tokenizer/, params.safetensors + quant.json
 (int8 kernels + float32 scales, ``save_quantized``) and quant_report.json: sizes, the task metric and inference
@@ -22,6 +24,7 @@ from jaxfound import runs
 from jaxfound.app import registry
 from jaxfound.app.evaluate import open_labelled, predictor_for
 from jaxfound.errors import JaxfoundError
+from jaxfound.losses import clm_loss
 from jaxfound.models import build_model
 from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE
 from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize
@@ -108,9 +111,11 @@ def _check_args(checkpoint: Path, mode: str, out: Path, eval_file, rounds: int) 
         raise JaxfoundError(f"rounds={rounds}: need at least 1 timed pass over the eval file")
     if (checkpoint / META_FILE).is_file():
         raise JaxfoundError(f"--checkpoint {checkpoint} is already int8 ({META_FILE}); give the float run dir")
-    if not (checkpoint / "config.json").is_file():
+    is_gguf = checkpoint.suffix.lower() == ".gguf" and checkpoint.is_file()
+    if not is_gguf and not (checkpoint / "config.json").is_file():
         raise JaxfoundError(f"--checkpoint {checkpoint}: no config.json; expected a run dir written by "
-                            "`jaxfound finetune` or `jaxfound merge`")
+                            "`jaxfound finetune` or `jaxfound merge`, a decoder (run dir, transformers dir) or a "
+                            "GGUF file")
     _check_out(out, checkpoint)
     if eval_file is not None and not Path(eval_file).is_file():
         raise JaxfoundError(f"--eval {eval_file}: file not found")
@@ -125,6 +130,9 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
     checkpoint, out = Path(checkpoint), Path(out)
     _check_args(checkpoint, mode, out, eval_file, rounds)
     rules = check_rules(DEFAULT_RULES if rules is None else rules)
+    run = runs.require_float(runs.open_run(checkpoint), "quantize")
+    if run.model.head == "lm":
+        return _quantize_decoder(run, checkpoint, mode, out, eval_file, rules, rounds)
     run = open_labelled(checkpoint)
     qparams = quantize(run.params, rules)
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
@@ -146,6 +154,62 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
     return report
 
 
+def _quantize_decoder(run, checkpoint: Path, mode: str, out: Path, eval_file, rules, rounds: int) -> dict:
+    """An int8 copy of a decoder (every Dense kernel of the blocks, an untied lm_head too; the tied embedding stays
+    float); with eval_file (text), the held-out next-token loss and forward tokens/s of float and int8."""
+    qparams = quantize(run.params, rules)
+    report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
+              **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules],
+              "metric_name": "next_token_loss", "metric_before": None, "metric_after": None,
+              "tokens_per_s_before": None, "tokens_per_s_after": None}
+    runs.write_run(out, runs.config_for(run, quant=mode), qparams, tokenizer=run.tokenizer,
+                   quant={"mode": mode, "source": str(checkpoint.resolve()), "rules": rules})
+    if eval_file is not None:
+        qmodel = build_model(dataclasses.replace(run.config.model, quant=mode), "lm")
+        report |= compare_decoder(run, qmodel, jax.device_put(qparams), eval_file, rounds)
+    runs.write_json(out / REPORT_FILE, report)
+    return report
+
+
+def text_windows(tokenizer, text: str, seq_len: int, max_windows: int) -> np.ndarray:
+    """(W, seq_len) token windows of a text, back to back (the first max_windows)."""
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    n = min(len(ids) // seq_len, max_windows)
+    if n == 0:
+        raise JaxfoundError(f"eval text has {len(ids)} tokens, fewer than one window of {seq_len}; give a longer file")
+    return ids[:n * seq_len].reshape(n, seq_len)
+
+
+def _loss_step(model):
+    """Jitted (params, ids (B, L)) -> next-token loss sums over whole windows."""
+    def sums(params, ids):
+        return clm_loss(model, params, {"input_ids": ids, "segment_ids": jax.numpy.ones_like(ids)},
+                        jax.random.key(0), False)
+    return jax.jit(sums)
+
+
+def compare_decoder(run, qmodel, qparams, eval_file, rounds: int = 3, seq_len: int = 128, batch: int = 4,
+                    max_windows: int = 32) -> dict:
+    """Held-out next-token loss (mean over the eval text's windows) and forward tokens/s of float vs int8."""
+    windows = text_windows(run.tokenizer, Path(eval_file).read_text(encoding="utf-8"), seq_len, max_windows)
+    full = max(len(windows) // batch, 1) * batch if len(windows) >= batch else len(windows)
+    batches = [jax.numpy.asarray(windows[i:i + batch]) for i in range(0, full, batch)]
+    params = {"before": jax.device_put(run.params), "after": qparams}
+    models = {"before": run.model, "after": qmodel}
+    out, runners = {"metric_name": "next_token_loss"}, {}
+    for which in ("before", "after"):
+        step = _loss_step(models[which])
+        sums = [jax.device_get(step(params[which], b)) for b in batches]  # also the warm-up
+        out[f"metric_{which}"] = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
+        runners[which] = lambda i, step=step, p=params[which]: jax.block_until_ready(step(p, batches[i]))
+    tokens = [int(np.prod(b.shape)) for b in batches]
+    speed = interleaved_throughput(runners, tokens, rounds)
+    return out | {"metric_delta": out["metric_after"] - out["metric_before"],
+                  "tokens_per_s_before": speed["before"], "tokens_per_s_after": speed["after"],
+                  "speedup": speed["after"] / speed["before"], "eval_file": str(eval_file), "eval_tokens": sum(tokens),
+                  "eval_batches": len(batches), "throughput_rounds": rounds}
+
+
 # ---------------------------------------------------------------- the printed table
 
 
@@ -159,7 +223,12 @@ def format_table(report: dict) -> str:
     rows = [("all params", _mb(report["bytes_before"]), _mb(report["bytes_after"]), f"{report['ratio']:.2f}x smaller"),
             (f"quantized tensors ({report['quantized_layers']})", _mb(report["quantized_bytes_before"]),
              _mb(report["quantized_bytes_after"]), f"{report['quantized_ratio']:.2f}x smaller")]
-    if report.get("metric_before") is not None:
+    if report.get("metric_before") is not None and report["metric_name"] == "next_token_loss":
+        rows += [("held-out next-token loss", f"{report['metric_before']:.4f}", f"{report['metric_after']:.4f}",
+                  f"{report['metric_delta']:+.4f}"),
+                 ("tokens/s (forward)", f"{report['tokens_per_s_before']:,.0f}", f"{report['tokens_per_s_after']:,.0f}",
+                  f"{report['speedup']:.2f}x")]
+    elif report.get("metric_before") is not None:
         pct = lambda key: f"{100 * report[key]:.2f}"  # noqa: E731  (entity F1 and accuracy are fractions)
         rows += [(f"{report['metric_name']} (%)", pct("metric_before"), pct("metric_after"),
                   f"{100 * report['metric_delta']:+.2f} pts"),
@@ -169,7 +238,11 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
-    if report.get("eval_file"):
+    if report.get("eval_file") and report["metric_name"] == "next_token_loss":
+        lines.append(f"eval: {report['eval_file']} ({report['eval_tokens']:,} tokens in {report['eval_batches']} "
+                     f"batches of 128-token windows, {report['throughput_rounds']} timed passes, float and int8 "
+                     "alternating)")
+    elif report.get("eval_file"):
         lines.append(f"eval: {report['eval_file']} ({report['eval_tokens']:,} real tokens, {report['eval_batches']} "
                      f"length-sorted batches, {report['throughput_rounds']} timed passes, float and int8 alternating)")
     lines.append(f"wrote {Path(report['out']) / PARAMS_FILE} and {Path(report['out']) / REPORT_FILE}")

@@ -1,0 +1,84 @@
+"""`jaxfound quantize` for decoders: a transformers dir, GGUF file or run dir becomes an int8 run dir whose logits stay
+within the int8 error bound of float32, that generates with its KV cache, and whose greedy answers agree with
+float32 SmolLM2's on most tokens."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxfound import runs
+from jaxfound.app.quantize import quantize_run
+from jaxfound.cli import main
+from jaxfound.errors import JaxfoundError
+from jaxfound.generation import generate_text
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("qdec")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(root / "base"))
+    smollm2_tokenizer.save_pretrained(str(root / "base"))
+    text = " ".join(f"line {i} of a held out text about rivers, stones and clouds." for i in range(300))
+    (root / "held_out.txt").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("mode,rel_bound", [("w8", 0.02), ("w8a8", 0.04)])
+def test_quantized_decoder_logits_stay_within_the_int8_bound(tiny_llama, tmp_path, mode, rel_bound):
+    report = quantize_run(tiny_llama / "base", mode, tmp_path / "q", rounds=1)
+    # every block Dense but key / value (32 outputs: the default rules keep kernels under 64 outputs float), lm_head
+    assert report["task"] == "clm" and report["quantized_layers"] == 2 * 5 + 1
+    run, float_run = runs.open_run(tmp_path / "q"), runs.open_run(tiny_llama / "base")
+    assert run.kind == "quantized" and run.config.model.quant == mode
+    assert run.params["lm_head"]["kernel"].dtype == jnp.int8
+    assert run.params["llama"]["word"]["embedding"].dtype == jnp.float32  # the embedding table stays float
+    ids = jnp.asarray(np.random.default_rng(0).integers(10, 1000, (2, 24)), jnp.int32)
+    got = np.asarray(run.model.apply({"params": run.params}, ids))
+    ref = np.asarray(float_run.model.apply({"params": float_run.params}, ids))
+    rms = np.sqrt(np.mean(ref ** 2))
+    assert np.sqrt(np.mean((got - ref) ** 2)) <= rel_bound * rms
+    # the int8 run decodes with its KV cache exactly as its own full forward passes choose (greedy)
+    out = generate_text(run.model, run.params, run.tokenizer, ["line 3 of a held"], max_new_tokens=6)
+    seq = np.asarray(run.tokenizer("line 3 of a held", add_special_tokens=False)["input_ids"])
+    for token in out.tokens[0]:
+        logits = np.asarray(run.model.apply({"params": run.params}, jnp.asarray(seq[None], jnp.int32)))
+        assert int(np.argmax(logits[0, -1])) == token
+        seq = np.append(seq, token)
+
+
+def test_quantize_cli_reports_held_out_loss_for_a_decoder(tiny_llama, tmp_path, capsys):
+    assert main(["quantize", "--checkpoint", str(tiny_llama / "base"), "--mode", "w8", "--out", str(tmp_path / "q"),
+                 "--eval", str(tiny_llama / "held_out.txt"), "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out next-token loss" in printed
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert abs(report["metric_delta"]) < 0.05 * report["metric_before"]
+    with pytest.raises(JaxfoundError, match="already int8"):
+        quantize_run(tmp_path / "q", "w8", tmp_path / "again")
+
+
+def test_int8_smollm2_greedy_agrees_with_float32(smollm2_gguf, tmp_path):
+    """Greedy answers of the w8 model vs float32 SmolLM2 (the GGUF's weights dequantized), token by token; the
+    agreement and the first divergence's top-2 logit gap in float32 are printed."""
+    quantize_run(smollm2_gguf, "w8", tmp_path / "smol_w8", rounds=1)
+    q, f = runs.open_run(tmp_path / "smol_w8"), runs.open_run(smollm2_gguf)
+    prompts = ["What is the capital of France?", "Name three primary colors."]
+    a = generate_text(q.model, q.params, q.tokenizer, prompts, chat=True, max_new_tokens=16)
+    b = generate_text(f.model, f.params, f.tokenizer, prompts, chat=True, max_new_tokens=16)
+    same = total = 0
+    for x, y in zip(a.tokens, b.tokens):
+        n = min(len(x), len(y))
+        agree = next((i for i in range(n) if x[i] != y[i]), n)
+        same, total = same + agree, total + max(len(y), 1)  # tokens up to the first divergence
+    print(f"w8 vs float32 greedy: {same}/{total} tokens before the first divergence; answers {a.texts} vs {b.texts}")
+    assert a.texts[0].strip() == b.texts[0].strip() == "The capital of France is Paris."
+    assert same / total >= 0.5
