@@ -58,7 +58,8 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     test = summary["reports"]["test"]
     return {"side": "jaxfound" + (f" LoRA r={args.lora_rank}" if args.lora_rank else ""), "seed": seed,
-            "trainable_params": summary.get("trainable_params"), "seconds_fit": summary["seconds"], "seconds_total": round(total, 1),
+            "trainable_params": summary.get("trainable_params"), "seconds_fit": summary["seconds"],
+            "seconds_total": round(total, 1),
             "valid_f1_by_epoch": valid_f1, "test_entity_f1": test["f1"], "test_token_micro_f1": test["token_micro_f1"],
             "train_tokens_per_s_median": float(np.median(tok_s)) if tok_s else None,
             "batch_lengths": summary.get("batch_lengths")}

@@ -13,6 +13,7 @@ from jaxfound.app.quantize import quantize_run
 from jaxfound.cli import main
 from jaxfound.errors import JaxfoundError
 from jaxfound.generation import generate_text
+from tests.test_sft import tiny_llama_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,12 +22,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, smollm2_tokenizer):
     root = tmp_path_factory.mktemp("qdec")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                   max_position_embeddings=256, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(root / "base"))
-    smollm2_tokenizer.save_pretrained(str(root / "base"))
+    tiny_llama_dir(root / "base", smollm2_tokenizer, hidden=64, intermediate=128, tied=False)
     text = " ".join(f"line {i} of a held out text about rivers, stones and clouds." for i in range(300))
     (root / "held_out.txt").write_text(text)
     return root

@@ -120,23 +120,15 @@ def test_readme_lora_and_sft_commands_run(tmp_path, smollm2_tokenizer):
     import json
     import subprocess
 
-    import torch
-    import transformers
-
     from tests.test_finetune import write_toy_conll
-    from tests.test_sft import _chat
+    from tests.test_sft import _chat, tiny_llama_dir
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = text.split("### LoRA and instruction fine-tuning", 1)[1].split("\n### ", 1)[0]
     bash = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
     for split, n in (("train", 96), ("valid", 32), ("test", 32)):
         write_toy_conll(tmp_path / f"{split}.txt", n, seed=len(split))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                   max_position_embeddings=128, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "tiny_llama"))
-    smollm2_tokenizer.save_pretrained(str(tmp_path / "tiny_llama"))
+    tiny_llama_dir(tmp_path / "tiny_llama", smollm2_tokenizer)
     for name, ids in (("chat_train", range(24)), ("chat_valid", range(24, 32))):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
     script = (bash.replace("CONLL=../shared/data/conll2003", f"CONLL={tmp_path}").replace("runs/", f"{tmp_path}/runs/")

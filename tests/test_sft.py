@@ -54,6 +54,19 @@ def test_a_packed_row_gives_each_example_its_own_logits(arch):
         assert np.max(np.abs(shifted[0, 9:14] - packed[0, 9:14])) > 1e-4
 
 
+def tiny_llama_dir(path, tokenizer, hidden: int = 32, intermediate: int = 48, tied: bool = True,
+                   initializer_range: float = 0.02):
+    """A random tiny transformers Llama with tokenizer's vocabulary (and chat template), saved as a local dir."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=intermediate,
+                                   max_position_embeddings=256, tie_word_embeddings=tied,
+                                   initializer_range=initializer_range)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 def _chat(i: int) -> dict:
     """A tiny instruction set a small model can pick up: repeat the user's word in upper case."""
     words = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "brick", "ocean", "maple",
@@ -69,13 +82,8 @@ def sft_run(smollm2_tokenizer, tmp_path_factory):
     from jaxfound.cli import main
 
     root = tmp_path_factory.mktemp("sft")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                   max_position_embeddings=128, tie_word_embeddings=True,
-                                   initializer_range=0.5)  # the frozen, tied LM head must be able to move the logits
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(root / "base"))
-    smollm2_tokenizer.save_pretrained(str(root / "base"))
+    # a large initializer_range: the frozen, tied LM head must be able to move the logits
+    tiny_llama_dir(root / "base", smollm2_tokenizer, initializer_range=0.5)
     for name, ids in (("train", range(48)), ("valid", range(48, 60))):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(_chat(i)) + "\n" for i in ids))
     argv = ["finetune", "-c", "configs/sft_smollm2_lora.yaml", f"run.dir={root / 'run'}", f"model.init={root / 'base'}",

@@ -166,28 +166,43 @@ def merge_windows(windows: Windows, pred_per_window: list[np.ndarray]) -> list[n
 # ---------------------------------------------------------------- sequence classification
 
 
+def read_text(path: Path, expected: str) -> str:
+    """A UTF-8 file's text; a missing file or bad bytes name the file (and line) and what was expected."""
+    if not path.is_file():
+        raise JaxfoundError(f"{path}: file not found (expected {expected})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise JaxfoundError(f"{path}:{line}: not UTF-8 (expected {expected})") from None
+
+
+def read_json_lines(path: Path, expected: str, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON lines file; JSON only, never anything that unpickles.
+    expected: what a line should be, named in every error."""
+    text = read_text(path, expected) if text is None else text
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JaxfoundError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one object per line: "
+                                f"{expected}") from None
+        if not isinstance(row, dict):
+            raise JaxfoundError(f"{path}:{lineno}: expected a JSON object per line ({expected}), "
+                                f"got {type(row).__name__}")
+        rows.append((lineno, row))
+    return rows
+
+
 def read_table(path: str | Path, text_column: str, label_column: str | None) -> tuple[list[str], list[str] | None]:
     """Texts (and labels) from a CSV (header row) or JSON lines file."""
     path = Path(path)
-    if not path.is_file():
-        raise JaxfoundError(f"{path}: file not found (expected CSV with a header row, or JSON lines)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise JaxfoundError(f"{path}:{line}: not UTF-8") from None
-    rows = []
+    text = read_text(path, "CSV with a header row, or JSON lines")
     if path.suffix in (".jsonl", ".json", ".ndjson"):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxfoundError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise JaxfoundError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append((lineno, row))
+        rows = read_json_lines(path, "JSON lines of objects with text and label fields", text)
     else:
         reader = csv.DictReader(text.splitlines())
         rows = [(i + 2, r) for i, r in enumerate(reader)]

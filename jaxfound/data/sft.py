@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxfound.data.finetune import read_json_lines
 from jaxfound.errors import JaxfoundError
 
 ROLES = ("system", "user", "assistant")
@@ -114,26 +114,7 @@ def read_sft(path: str | Path, tokenizer, seq_len: int) -> SFTData:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; JSON only, never anything that unpickles."""
-    if not path.is_file():
-        raise JaxfoundError(f"{path}: file not found (expected JSON lines: {CHAT_LINE} or {PC_LINE} per line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise JaxfoundError(f"{path}:{line}: not UTF-8 (SFT data is UTF-8 JSON lines)") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxfoundError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one object per line: "
-                                f"{CHAT_LINE} or {PC_LINE}") from None
-        if not isinstance(row, dict):
-            raise JaxfoundError(f"{path}:{lineno}: expected a JSON object per line ({CHAT_LINE} or {PC_LINE}), "
-                                f"got {type(row).__name__}")
-        rows.append((lineno, row))
+    rows = read_json_lines(path, f"JSON lines: {CHAT_LINE} or {PC_LINE}")
     if not rows:
         raise JaxfoundError(f"{path}: empty file; expected JSON lines: {CHAT_LINE} or {PC_LINE}")
     return rows

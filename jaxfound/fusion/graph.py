@@ -148,6 +148,13 @@ def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, data
     attrs = {"arch": attr(base_v, "arch"), "signature": attr(base_v, "signature")} | attrs
     v = add_model(g, model, path=path, **attrs)
     add_edge(g, model, base, "finetuned_from")
+    _trained_for(g, model, dataset, task, scores, split)
+    return v
+
+
+def _trained_for(g: ig.Graph, model: str, dataset: str, task: str, scores: Mapping[str, float] | None,
+                 split: str) -> None:
+    """model trained_on dataset, evaluated_on task (defined_on dataset) with scores {metric: value} on split."""
     ensure(g, "dataset", dataset)
     add_edge(g, model, dataset, "trained_on")
     ensure(g, "task", task)
@@ -156,7 +163,6 @@ def register_finetune(g: ig.Graph, model: str, path: str | None, base: str, data
         add_edge(g, task, dataset, "defined_on")
     for metric, value in (scores or {}).items():
         record_score(g, model, task, metric, value, split)
-    return v
 
 
 def register_adapter(g: ig.Graph, adapter: str, path: str | None, base: str, dataset: str, task: str, *,
@@ -170,14 +176,7 @@ def register_adapter(g: ig.Graph, adapter: str, path: str | None, base: str, dat
     v = _add_vertex(g, "adapter", adapter, dict(path=path, rank=rank, alpha=alpha, targets=targets, created=(
         datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")), **attrs))
     add_edge(g, adapter, base, "adapter_of", rank=rank, alpha=alpha, targets=targets, base_hash=base_hash)
-    ensure(g, "dataset", dataset)
-    add_edge(g, adapter, dataset, "trained_on")
-    ensure(g, "task", task)
-    task_v, dataset_v = vertex(g, task), vertex(g, dataset)
-    if not any(e.target == dataset_v.index for e in out_edges(g, task_v, ["defined_on"])):
-        add_edge(g, task, dataset, "defined_on")
-    for metric, value in (scores or {}).items():
-        record_score(g, adapter, task, metric, value, split)
+    _trained_for(g, adapter, dataset, task, scores, split)
     return v
 
 
