@@ -53,6 +53,8 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     summary = finetune(cfg)
     total = time.perf_counter() - t0
+    if summary["preempted"]:
+        sys.exit(f"jaxfound run in {run_dir} was stopped (SIGTERM) at step {summary['steps']}; rerun to resume")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     valid_f1 = [r["f1"] for r in rows if "f1" in r and r["step"] > 0]  # not the untrained model
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
