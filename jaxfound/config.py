@@ -180,7 +180,7 @@ def _keys(cls, *without: str) -> tuple[str, ...]:
 _SHARED = {"run": _keys(RunConfig), "mesh": _keys(MeshConfig), "checkpoint": _keys(CheckpointConfig)}
 _PRETRAIN = {
     **_SHARED,
-    "model": _keys(ModelConfig, "num_labels", "init", "quant", "lora"),  # continued pretraining: not yet
+    "model": _keys(ModelConfig, "num_labels", "quant", "lora"),  # model.init: continued pretraining
     "data": ("path", "format", "text_field", "tokenizer", "tokenizer_vocab", "seq_len", "mask_prob",
              "valid_fraction", "synthetic_docs"),
     "train": ("task", "steps", "schedule_steps", "batch_size", "grad_accum", "seed", "log_every", "eval_every",
@@ -189,8 +189,9 @@ _PRETRAIN = {
 }
 VERB_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "pretrain": _PRETRAIN,
-    "bench": dict(_PRETRAIN),  # benchmarks pretraining recipes
-    "compile": dict(_PRETRAIN),  # compiles pretraining recipes for a TPU topology
+    # benchmarks / compiles pretraining recipes (for a TPU topology) from a random init
+    "bench": {**_PRETRAIN, "model": _keys(ModelConfig, "num_labels", "init", "quant", "lora")},
+    "compile": {**_PRETRAIN, "model": _keys(ModelConfig, "num_labels", "init", "quant", "lora")},
     "finetune": {
         **_SHARED,
         "model": _keys(ModelConfig, "num_labels", "quant", "lora"),
@@ -318,9 +319,11 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         raise bad("model.num_kv_heads", f"0 or a divisor of model.num_heads={cfg.model.num_heads}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise bad("train.grad_accum", f"a divisor of train.batch_size={cfg.train.batch_size}")
-    if cfg.data.seq_len > cfg.model.max_position:
+    own_positions = cfg.model.init is None  # else model.init's: the driver checks data.seq_len against them
+    if own_positions and cfg.data.seq_len > cfg.model.max_position:
         raise bad("data.seq_len", f"<= model.max_position={cfg.model.max_position}")
-    if cfg.model.arch == "roberta" and cfg.data.seq_len + cfg.model.pad_token_id + 1 > cfg.model.max_position:
+    roberta = own_positions and cfg.model.arch == "roberta"
+    if roberta and cfg.data.seq_len + cfg.model.pad_token_id + 1 > cfg.model.max_position:
         raise bad("data.seq_len", f"<= model.max_position - model.pad_token_id - 1 = "
                   f"{cfg.model.max_position - cfg.model.pad_token_id - 1} (RoBERTa's positions start at "
                   f"pad_token_id + 1)")

@@ -1,7 +1,7 @@
 """Registry hooks: the drivers record their runs in the knowledge graph at run.registry (a no-op when unset).
 
     register_finetune_run(cfg, summary)      # after finetune(cfg): the run, its base, dataset, task, valid/test scores
-    register_pretrain_run(cfg, summary)      # after pretrain(cfg)
+    register_pretrain_run(cfg, summary)      # after pretrain(cfg): the run, its corpus, the base it continues
 
 Task names are '<dataset>/<task>': the dataset is the training file's directory (conll2003), the task the
 jaxfound task (ner, pos, chunk, cls; mlm / clm for corpora).
@@ -65,8 +65,9 @@ def _fresh(g: ig.Graph, name: str, path: str, registry) -> bool:
 
 
 def register_pretrain_run(cfg, summary: dict | None = None, params=None, *, name: str | None = None) -> str | None:
-    """Record a pretraining run: model (arch, trunk signature, hash), corpus, tokenizer; finetuned_from model.init
-    when it continues a registered model. Returns the model's name."""
+    """Record a pretraining run: model (arch, trunk signature, hash), corpus, tokenizer; a continued run (model.init)
+    is finetuned_from its base with continued=True and the corpus on the edge (the base registered on first sight).
+    Returns the model's name."""
     if not cfg.run.registry:
         return None
     g = graph.load(cfg.run.registry, create=True)
@@ -77,10 +78,14 @@ def register_pretrain_run(cfg, summary: dict | None = None, params=None, *, name
     signature = graph.trunk_signature(params) if params is not None else None
     corpus = dataset_name(cfg.data.path) if cfg.data.path else "synthetic"
     if _fresh(g, name, str(run_dir), cfg.run.registry):
-        parent = _find_by_path(g, cfg.model.init) if cfg.model.init else None
+        base = _find_by_path(g, cfg.model.init) if cfg.model.init else None
+        if cfg.model.init and base is None:  # the base is registered the first time a continued run names it
+            base = model_name(cfg.model.init)
+            graph.register_pretrain(g, base, str(Path(cfg.model.init).resolve()), f"{base}-corpus",
+                                    arch=cfg.model.arch, signature=signature)
         graph.add_model(g, name, path=str(run_dir), arch=cfg.model.arch, signature=signature, task=cfg.train.task)
-        if parent:  # continued pretraining: it descends from the model it started from
-            graph.add_edge(g, name, parent, "finetuned_from")
+        if base:  # continued pretraining: it descends from the model it started from (its nearest ancestor)
+            graph.add_edge(g, name, base, "finetuned_from", continued=True, corpus=corpus, task=cfg.train.task)
         graph.ensure(g, "dataset", corpus)
         graph.add_edge(g, name, corpus, "pretrained_on")
     task = f"{corpus}/{cfg.train.task}"

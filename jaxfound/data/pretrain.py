@@ -25,27 +25,41 @@ class PretrainData:
     num_tokens: int
 
 
-def prepare_pretraining(cfg, tokenizer_dir: str | Path) -> PretrainData:
-    """Read (or synthesise) the corpus, load data.tokenizer or train one (saved in tokenizer_dir, reused from there
-    on resume), pack, and split off held-out rows."""
+def corpus_tokenizer(cfg, docs: list[str], tokenizer_dir: str | Path):
+    """data.tokenizer, else the run's own (tokenizer_dir, on resume), else one trained on docs and saved there."""
+    data, tok_dir = cfg.data, Path(tokenizer_dir)
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    if (tok_dir / "tokenizer.json").exists():  # a resumed run reuses its own tokenizer
+        return load_tokenizer(str(tok_dir))
+    if jax.process_count() == 1:
+        return train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
+    # one process trains and saves, the others load the same files (the run dir is shared storage)
+    if jax.process_index() == 0:
+        train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
+    multihost_utils.sync_global_devices("jaxfound_tokenizer_trained")
+    return load_tokenizer(str(tok_dir))
+
+
+def prepare_pretraining(cfg, tokenizer_dir: str | Path, tokenizer=None) -> PretrainData:
+    """Read (or synthesise) the corpus, tokenize it with tokenizer (model.init's) or corpus_tokenizer's, pack, and
+    split off held-out rows."""
     data, train = cfg.data, cfg.train
     docs = synthetic_corpus(data.synthetic_docs, seed=0) if data.path is None else read_documents(
         data.path, data.format, data.text_field)
-    tok_dir = Path(tokenizer_dir)
-    if data.tokenizer:
-        tokenizer = load_tokenizer(data.tokenizer)
-    elif (tok_dir / "tokenizer.json").exists():  # a resumed run reuses its own tokenizer
-        tokenizer = load_tokenizer(str(tok_dir))
-    elif jax.process_count() == 1:
-        tokenizer = train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
-    else:  # one process trains and saves, the others load the same files (the run dir is shared storage)
-        if jax.process_index() == 0:
-            train_tokenizer(docs, cfg.model.arch, data.tokenizer_vocab, str(tok_dir))
-        multihost_utils.sync_global_devices("jaxfound_tokenizer_trained")
-        tokenizer = load_tokenizer(str(tok_dir))
+    tokenizer = tokenizer if tokenizer is not None else corpus_tokenizer(cfg, docs, tokenizer_dir)
     vocab_size = cfg.model.vocab_size or padded_vocab(len(tokenizer))
     if vocab_size < len(tokenizer):
-        raise JaxfoundError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        owner = f"model.init={cfg.model.init} has vocab_size={vocab_size}" if cfg.model.init else \
+            f"model.vocab_size={vocab_size} is"
+        raise JaxfoundError(f"{owner}, fewer than the tokenizer's {len(tokenizer)} tokens; give a tokenizer of that "
+                            "model (data.tokenizer)")
+    if train.task == "mlm" and tokenizer.mask_token_id is None:
+        raise JaxfoundError("train.task=mlm: the tokenizer has no mask token; give a BERT / RoBERTa tokenizer "
+                            "(data.tokenizer)")
+    if train.task == "clm" and tokenizer.eos_token_id is None:
+        raise JaxfoundError("train.task=clm: the tokenizer has no end-of-text token (eos) to end each document "
+                            "with; give a GPT-2 / Llama tokenizer (data.tokenizer)")
 
     if cfg.model.arch in ("bert", "roberta"):  # encoders: [CLS] ... [SEP] / <s> ... </s> per document
         token_lists = tokenizer(docs, add_special_tokens=True)["input_ids"]
@@ -59,7 +73,7 @@ def prepare_pretraining(cfg, tokenizer_dir: str | Path) -> PretrainData:
     packed_valid = pack_documents(token_lists[:n_valid], data.seq_len)
     special = tuple(sorted(set(tokenizer.all_special_ids)))
     spec = StreamSpec(task=train.task, seed=train.seed, mask_prob=data.mask_prob,
-                      mask_id=tokenizer.mask_token_id if tokenizer.mask_token_id is not None else 0,
+                      mask_id=tokenizer.mask_token_id if tokenizer.mask_token_id is not None else 0,  # clm: unused
                       special_ids=special, vocab_size=len(tokenizer))
     valid_spec = StreamSpec(**{**spec.__dict__, "seed": 10_000 + train.seed})  # fixed eval masks
     return PretrainData(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -91,8 +92,9 @@ def init_params(model, seq_len: int, seed: int, pretrained: dict, source: str) -
     params = jax.tree_util.tree_map_with_path(fresh, {k: v for k, v in shapes.items() if k not in pretrained})
     for key, value in pretrained.items():
         if key in shapes:
-            base, adapters = lora.split(shapes[key])
+            base, adapters = lora.split(shapes[key]) if isinstance(shapes[key], Mapping) else (shapes[key], {})
             if jax.tree.map(lambda x: tuple(x.shape), base) != jax.tree.map(lambda x: tuple(np.shape(x)), value):
                 raise JaxfoundError(f"{source}: pretrained '{key}' params do not match the model config")
-            params[key] = lora.combine(value, jax.tree_util.tree_map_with_path(fresh_adapter, adapters))
+            params[key] = lora.combine(value, jax.tree_util.tree_map_with_path(fresh_adapter, adapters)) \
+                if adapters else value
     return {k: params[k] for k in shapes}
