@@ -129,3 +129,13 @@ def test_llama_tiny_clm_loss_falls_and_resume_replays_the_same_losses(tmp_path):
     assert main(["pretrain", *split, "train.steps=40"]) == 0
     resumed = _losses(tmp_path / "split")
     assert [resumed[s] for s in range(21, 41)] == [whole[s] for s in range(21, 41)]
+
+
+@pytest.mark.parametrize("recipe", ["configs/bert_tiny_mlm.yaml", "configs/gpt_tiny_clm.yaml"])
+def test_two_fresh_runs_train_the_same_tokenizer_and_log_the_same_losses(recipe, tmp_path):
+    """Nothing shared between the runs: each trains its own tokenizer on the corpus (WordPiece / byte-level BPE)."""
+    for name in ("a", "b"):
+        assert main(["pretrain", "-c", recipe, f"run.dir={tmp_path / name}", "train.steps=3", *TINY]) == 0
+    tokenizers = [(tmp_path / n / "tokenizer" / "tokenizer.json").read_bytes() for n in ("a", "b")]
+    assert tokenizers[0] == tokenizers[1]
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
