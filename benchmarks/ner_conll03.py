@@ -49,6 +49,7 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.seed={seed}",
         f"data.seq_len={args.seq_len}", f"model.dtype={args.dtype}",
         *([f"train.lora.rank={args.lora_rank}", f"train.lora.alpha={2 * args.lora_rank}"] if args.lora_rank else []),
+        *(["data.packing=true"] if args.packing else []),
     ], verb="finetune")
     t0 = time.perf_counter()
     summary = finetune(cfg)
@@ -59,7 +60,8 @@ def run_jax(files: dict, args, seed: int, run_dir: Path) -> dict:
     valid_f1 = [r["f1"] for r in rows if "f1" in r and r["step"] > 0]  # not the untrained model
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     test = summary["reports"]["test"]
-    return {"side": "jaxfound" + (f" LoRA r={args.lora_rank}" if args.lora_rank else ""), "seed": seed,
+    return {"side": "jaxfound" + (f" LoRA r={args.lora_rank}" if args.lora_rank else "")
+            + (" packed" if args.packing else ""), "seed": seed, "packed_padding": summary.get("packed_padding"),
             "trainable_params": summary.get("trainable_params"), "seconds_fit": summary["seconds"],
             "seconds_total": round(total, 1),
             "valid_f1_by_epoch": valid_f1, "test_entity_f1": test["f1"], "test_token_micro_f1": test["token_micro_f1"],
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
                    help="PyTorch batch order(s): Trainer's default random batches, and/or length-grouped")
     p.add_argument("--limit", type=int, default=None, help="first N sentences of every split (smoke run)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--packing", action="store_true", help="jaxfound packs several sentences per row (data.packing)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (alpha 2r) on every Dense of "
                    "the encoder, the head trained in full: jaxfound train.lora vs PEFT (use a larger --lr, e.g. 1e-3)")
     p.add_argument("--lr", type=float, default=1e-4)

@@ -103,6 +103,9 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     length_bucketing: bool = True  # group sentences of similar length into a batch (fine-tuning)
+    # token-level fine-tuning: several sentences per row of seq_len tokens (attention and positions reset per
+    # sentence), one compiled shape, almost no padding; a batch holds about train.batch_size sentences
+    packing: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ VERB_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
         **_SHARED,
         "model": _keys(ModelConfig, "num_labels", "quant", "lora"),
         "data": ("tokenizer", "seq_len", "train", "valid", "test", "token_column", "tag_column", "text_column",
-                 "label_column", "length_bucketing"),
+                 "label_column", "length_bucketing", "packing"),
         "train": ("task", "epochs", "batch_size", "grad_accum", "seed", "log_every", "eval_at_start", "lr",
                   "warmup_steps", "warmup_ratio", "schedule", "weight_decay", "b1", "b2", "eps", "clip_norm",
                   "nonfinite", "freeze", "lora"),  # evaluation is per epoch: no steps, eval_every, eval_batches

@@ -38,9 +38,14 @@ def clm_loss(model, params, batch, rng, train: bool) -> dict:
 
 
 def token_cls_loss(model, params, batch, rng, train: bool) -> dict:
-    """Token classification: labels -100 (padding, non-first subwords) are ignored."""
-    logits_BxLxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                               batch.get("token_type_ids"), deterministic=not train, rngs=_rngs(rng, train))
+    """Token classification: labels -100 (padding, non-first subwords) are ignored. A packed batch (segment_ids,
+    positions: several windows per row) attends and counts positions within each window."""
+    if "segment_ids" in batch:
+        logits_BxLxC = model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
+                                   positions=batch["positions"], deterministic=not train, rngs=_rngs(rng, train))
+    else:
+        logits_BxLxC = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                   batch.get("token_type_ids"), deterministic=not train, rngs=_rngs(rng, train))
     labels = batch["labels"]
     return _sums(logits_BxLxC, labels, labels >= 0)
 

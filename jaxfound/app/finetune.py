@@ -9,6 +9,7 @@ The run dir holds everything needed later: config.json (model config included), 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from jaxfound.inference import Predictor
 from jaxfound.interop.hf import load_hf_config, read_weights
 from jaxfound.models import TRUNK_KEYS, build_model
 from jaxfound.models.scan import stack_layers
-from jaxfound.sharding import initialize_distributed
+from jaxfound.sharding import initialize_distributed, mesh_shape
 from jaxfound.tasks import Instruction, resolve_task
 from jaxfound.train.build import build
 from jaxfound.train.loop import Job, finish_run, fit
@@ -116,6 +117,9 @@ def _check(cfg, task) -> None:
                             "(use `jaxfound pretrain`)")
     if not cfg.data.train:
         raise JaxfoundError("data.train is not set: give the training file (CoNLL for tagging, CSV/JSON lines for cls)")
+    if cfg.data.packing and not task.token_level:
+        raise JaxfoundError(f"data.packing packs token-level tasks (ner, pos, chunk); train.task={task.name} "
+                            "classifies whole texts: set data.packing=false")
     if cfg.train.freeze == "trunk" and cfg.model.init is None:
         raise JaxfoundError("train.freeze=trunk trains only the head, so model.init must give a trained trunk "
                             "(a transformers dir or a jaxfound run dir)")
@@ -143,14 +147,14 @@ def finetune(cfg) -> dict:
     runs.check_run_dir(cfg.run.dir)
     model_cfg, pretrained, tokenizer, labels, splits = _model_and_data(cfg, task)
     seq_len, pad_id = cfg.data.seq_len, ftdata.special_ids(tokenizer)[2]
-    train = ftdata.BucketedBatches(splits["train"].windows, cfg.train.batch_size, cfg.train.seed, seq_len, pad_id,
-                                   task.token_level, cfg.data.length_bucketing, epochs=cfg.train.epochs)
+    train = _train_batches(cfg, task, splits["train"].windows, pad_id)
     total_steps = cfg.train.epochs * train.steps_per_epoch
     model = build_model(model_cfg, task.head)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     if jax.process_index() == 0:
         runs.write_labels_and_tokenizer(cfg.run.dir, labels, tokenizer)
-    training = build(cfg, model, task.loss, seq_len, cfg.train.schedule_steps or total_steps,
+    rows = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=train.batch_size))
+    training = build(rows, model, task.loss, seq_len, cfg.train.schedule_steps or total_steps,
                      init_params(model, seq_len, cfg.train.seed, pretrained, str(cfg.model.init)))
     predictor = Predictor(model, task, labels, tokenizer, seq_len, cfg.train.batch_size, training.mesh)
     trainable = sft.report_trainable(cfg, training.state.params)
@@ -165,7 +169,8 @@ def finetune(cfg) -> dict:
                      "train_sentences": len(splits["train"].gold), "train_windows": len(splits["train"].windows),
                      "split_sentences": {n: s.windows.num_split for n, s in splits.items()},
                      "steps_per_epoch": train.steps_per_epoch, "batch_lengths": train.buckets.tolist(),
-                     **trainable},
+                     **({"packed_rows_per_batch": train.batch_size, "packed_padding": round(train.padding, 4)}
+                        if cfg.data.packing else {}), **trainable},
               data_fingerprint=fingerprint(splits["train"].windows.input_ids, splits["train"].windows.labels))
     summary = fit(cfg, job, training)
     if summary["preempted"]:  # SIGTERM: the checkpoint is saved; reports and registry wait for the resumed run
@@ -177,6 +182,23 @@ def finetune(cfg) -> dict:
     if jax.process_index() == 0:
         registry.register_finetune_run(cfg, summary, best)  # a no-op unless run.registry is set
     return summary
+
+
+def _train_batches(cfg, task, windows, pad_id: int):
+    """Length-bucketed batches of train.batch_size sentences, or (data.packing) packed rows: about as many sentences
+    per batch, in a whole number of rows per data shard."""
+    seq_len = cfg.data.seq_len
+    if not cfg.data.packing:
+        return ftdata.BucketedBatches(windows, cfg.train.batch_size, cfg.train.seed, seq_len, pad_id,
+                                      task.token_level, cfg.data.length_bucketing, epochs=cfg.train.epochs)
+    data, fsdp, _ = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, jax.device_count())
+    shards = data * fsdp
+    rows = cfg.train.batch_size * float(windows.lengths.mean()) / seq_len
+    rows = max(1, math.ceil(rows / shards)) * shards
+    packed = ftdata.PackedBatches(windows, rows, cfg.train.seed, seq_len, pad_id)
+    print(f"packing: {len(windows)} windows in {len(packed.plan)} rows of {seq_len} tokens "
+          f"({100 * packed.padding:.1f}% padding), {rows} rows (~{cfg.train.batch_size} sentences) per batch")
+    return packed
 
 
 def _headline(report: dict) -> dict:

@@ -10,6 +10,7 @@ jitted step compiles only a handful of times.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import json
@@ -239,6 +240,76 @@ def encode_texts(texts: list[str], label_ids, tokenizer, seq_len: int) -> tuple[
 
 
 # ---------------------------------------------------------------- batches
+
+
+def pack_plan(lengths, seq_len: int) -> list[list[int]]:
+    """Example indices per row, by best-fit decreasing: longest first (ties by index), each into the row with
+    the least room that still fits it, else a new row. Deterministic."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.max() > seq_len:
+        i = int(np.argmax(lengths))
+        raise JaxfoundError(f"example {i} has {lengths[i]} tokens, more than seq_len={seq_len}; "
+                            "read the data with the same seq_len")
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, r = room.pop(k)
+        else:
+            free, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(int(i))
+        if free - n > 0:
+            bisect.insort(room, (free - n, r))
+    return rows
+
+
+class PackedBatches:
+    """Token-level training batches of whole rows: several windows per row of seq_len tokens (pack_plan, fixed),
+    segment ids and positions reset per window, rows shuffled per epoch; batch(s) a pure function of (seed, s).
+    One compiled shape, almost no padding."""
+
+    def __init__(self, windows: Windows, rows_per_batch: int, seed: int, seq_len: int, pad_id: int):
+        self.windows, self.batch_size, self.seed, self.seq_len, self.pad_id = windows, rows_per_batch, seed, \
+            seq_len, pad_id
+        self.plan = pack_plan(windows.lengths, seq_len)
+        self.steps_per_epoch = max(1, math.ceil(len(self.plan) / rows_per_batch))
+        self.buckets = np.array([seq_len])
+
+    @property
+    def padding(self) -> float:
+        """Fraction of the packed rows' tokens that are padding."""
+        return 1.0 - float(self.windows.lengths.sum()) / (len(self.plan) * self.seq_len)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019  (one or two epochs live at once)
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """(steps_per_epoch, rows_per_batch) indices into the plan; -1 fills the last batch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.plan))
+        fill = self.steps_per_epoch * self.batch_size - len(order)
+        return np.r_[order, np.full(fill, -1)].reshape(self.steps_per_epoch, self.batch_size)
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        epoch, b = divmod(int(step), self.steps_per_epoch)
+        rows = self.epoch_rows(epoch)[b]
+        n = self.batch_size // process_count
+        rows = rows[process_index * n:(process_index + 1) * n]
+        L, w = self.seq_len, self.windows
+        ids = np.full((len(rows), L), self.pad_id, np.int32)
+        labels = np.full((len(rows), L), IGNORE, np.int32)
+        seg, pos = np.zeros((len(rows), L), np.int32), np.zeros((len(rows), L), np.int32)
+        for j, r in enumerate(rows):
+            start = 0
+            for k, i in enumerate(self.plan[r] if r >= 0 else []):
+                n_i = len(w.input_ids[i])
+                ids[j, start:start + n_i], labels[j, start:start + n_i] = w.input_ids[i], w.labels[i]
+                seg[j, start:start + n_i], pos[j, start:start + n_i] = k + 1, np.arange(n_i)
+                start += n_i
+        return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}
+
+    def shapes(self, epochs: int) -> list[int]:
+        return [self.seq_len]
 
 
 def bucket_length(n: int, buckets) -> int:

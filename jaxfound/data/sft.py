@@ -16,7 +16,6 @@ Pure numpy; the batch of step s is a pure function of (seed, s), as in jaxfound.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxfound.data.finetune import read_json_lines
+from jaxfound.data.finetune import pack_plan, read_json_lines
 from jaxfound.errors import JaxfoundError
 
 ROLES = ("system", "user", "assistant")
@@ -226,30 +225,6 @@ def _prompt_completion_examples(path: Path, rows, tokenizer) -> list[tuple[int, 
 
 
 # ---------------------------------------------------------------- packing
-
-
-def pack_plan(lengths, seq_len: int) -> list[list[int]]:
-    """Example indices per row, by best-fit decreasing: longest first (ties by index), each into the row with
-    the least room that still fits it, else a new row. Deterministic."""
-    lengths = np.asarray(lengths, np.int64)
-    if len(lengths) and lengths.max() > seq_len:
-        i = int(np.argmax(lengths))
-        raise JaxfoundError(f"example {i} has {lengths[i]} tokens, more than seq_len={seq_len}; "
-                            "read the data with the same seq_len")
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, row), sorted
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        k = bisect.bisect_left(room, (n, -1))
-        if k < len(room):
-            free, r = room.pop(k)
-        else:
-            free, r = seq_len, len(rows)
-            rows.append([])
-        rows[r].append(int(i))
-        if free - n > 0:
-            bisect.insort(room, (free - n, r))
-    return rows
 
 
 def pack(examples: SFTData, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -36,11 +36,14 @@ from jaxfound.models.layers import (
 ACT = ("act_batch", "act_len", "act_embed")
 
 
-def position_ids(ids_BxL, cfg):
-    """BERT: 0 .. L-1. RoBERTa: pad_token_id + 1, + 2, ... over the non-padding tokens; padding at pad_token_id."""
+def position_ids(ids_BxL, cfg, positions_BxL=None):
+    """BERT: 0 .. L-1. RoBERTa: pad_token_id + 1, + 2, ... over the non-padding tokens; padding at pad_token_id.
+    positions_BxL: each token's position in its own example (packed rows), in BERT's count."""
     if cfg.arch != "roberta":
-        return jnp.arange(ids_BxL.shape[1])[None]
+        return jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
     real_BxL = (ids_BxL != cfg.pad_token_id).astype(jnp.int32)
+    if positions_BxL is not None:
+        return jnp.where(real_BxL > 0, positions_BxL + cfg.pad_token_id + 1, cfg.pad_token_id)
     return jnp.cumsum(real_BxL, axis=1) * real_BxL + cfg.pad_token_id
 
 
@@ -72,7 +75,7 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids_BxL, attention_mask_BxL=None, token_type_ids_BxL=None, segment_ids_BxL=None,
-                 deterministic: bool = True, output_positions_BxP=None):
+                 deterministic: bool = True, output_positions_BxP=None, positions_BxL=None):
         """output_positions_BxP: the last layer computes only these rows -> (B, P, D) (exact: no later layer
         reads the others; at 15% masking this skips most of the last layer's work)."""
         cfg = self.cfg
@@ -81,7 +84,7 @@ class BertEncoder(nn.Module):
         h_BxLxD = (
             Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="word")(ids_BxL)
             + Embed(cfg.max_position, cfg.hidden_size, ("pos", "embed"), cfg.dtype, cfg.param_dtype, name="position")(
-                position_ids(ids_BxL, cfg))
+                position_ids(ids_BxL, cfg, positions_BxL))
             + Embed(cfg.type_vocab_size, cfg.hidden_size, ("types", "embed"), cfg.dtype, cfg.param_dtype,
                     name="token_type")(token_type_ids_BxL)
         )
@@ -108,13 +111,15 @@ class Bert(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
-                 masked_positions=None, deterministic: bool = True):
-        """masked_positions (B, P): MLM logits only at those positions (B, P, V), else at all (B, L, V)."""
+                 masked_positions=None, deterministic: bool = True, positions=None):
+        """masked_positions (B, P): MLM logits only at those positions (B, P, V), else at all (B, L, V).
+        positions (B, L): each token's position in its example (packed rows, with segment_ids)."""
         cfg = self.cfg
         roberta = cfg.arch == "roberta"
         encoder = BertEncoder(cfg, name=cfg.arch)
         mlm_positions = masked_positions if self.head == "mlm" else None
-        h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic, mlm_positions)
+        h_BxLxD = encoder(input_ids, attention_mask, token_type_ids, segment_ids, deterministic, mlm_positions,
+                          positions)
         if self.head == "none":
             return h_BxLxD
         if self.head == "mlm":  # with masked_positions, h is already (B, P, D)
