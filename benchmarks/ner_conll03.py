@@ -223,7 +223,9 @@ def main(argv=None) -> int:
         if args.only in (None, "torch"):
             for kind in args.torch_order:
                 keep(run_torch(files, args, seed, kind))
-    return report(results, args.torch_order, {k: v for k, v in vars(args).items()}, args.out)
+    portable = {k: os.path.relpath(v, ROOT) if k in ("model", "data", "out") and v else v
+                for k, v in vars(args).items()}
+    return report(results, args.torch_order, portable, args.out)
 
 
 def report(results: list[dict], torch_orders, run_args: dict, out_path: str) -> int:
