@@ -130,7 +130,7 @@ def test_cli_bad_config_exits_2_with_one_line(capsys):
 def test_merge_recipes_parse():
     import yaml
 
-    from jaxfound.fusion.plan import parse_recipe
+    from jaxfound.fusion.recipe import parse_recipe
 
     recipes = sorted(CONFIG_DIR.glob("merge_*.yaml"))
     assert recipes

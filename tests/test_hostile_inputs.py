@@ -308,7 +308,7 @@ def test_conll_files(work, data, tag_column, scheme):
 # ---------------------------------------------------------------- merge recipes
 
 def _recipes():
-    from jaxfound.fusion.plan import RECIPE_KEYS, RECIPE_METHODS, RECIPE_PARAMETERS
+    from jaxfound.fusion.recipe import RECIPE_KEYS, RECIPE_METHODS, RECIPE_PARAMETERS
 
     params = st.one_of(yaml_values, st.dictionaries(st.one_of(st.sampled_from(RECIPE_PARAMETERS), st.text(max_size=5)),
                                                     yaml_values, max_size=3))
@@ -323,7 +323,7 @@ def _recipes():
                       invalid_utf8.map(lambda b: b.decode("latin-1"))))
 def test_merge_recipes(work, text):
     from jaxfound.config import read_yaml
-    from jaxfound.fusion.plan import parse_recipe
+    from jaxfound.fusion.recipe import parse_recipe
 
     _case("merge recipe")
     path = _file(work, text, ".yaml")

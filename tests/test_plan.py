@@ -15,7 +15,8 @@ from jaxfound.config import Config, ModelConfig, TrainConfig, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph as G
 from jaxfound.fusion import merge as M
-from jaxfound.fusion.plan import coefficients, execute_plan, fuse, parse_recipe, plan_merge
+from jaxfound.fusion.plan import coefficients, execute_plan, fuse, plan_merge
+from jaxfound.fusion.recipe import parse_recipe
 from jaxfound.models import build_model
 from jaxfound.runs import open_run, write_run
 

@@ -16,7 +16,8 @@ from jaxfound.app.evaluate import predictor_for
 from jaxfound.config import read_yaml
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
-from jaxfound.fusion.plan import execute_plan, merge_recipe, parse_recipe, plan_merge
+from jaxfound.fusion.plan import execute_plan, plan_merge
+from jaxfound.fusion.recipe import merge_recipe, parse_recipe
 from jaxfound.interop.hf import save_pretrained
 
 
