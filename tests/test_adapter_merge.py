@@ -3,6 +3,7 @@ LoRA fine-tunes registered as adapter vertices (adapter_of their base, with rank
 the graph's plan merging adapters that share a base."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import pytest
 from jaxfound.config import LoraConfig, ModelConfig, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
-from jaxfound.fusion.adapters import linear_adapters
+from jaxfound.fusion.adapters import linear_adapters, merge_adapters
 from jaxfound.models import build_model, lora
 
 transformers = pytest.importorskip("transformers")
@@ -22,6 +23,7 @@ TINY = ModelConfig(arch="llama", vocab_size=97, hidden_size=32, num_layers=2, nu
                    intermediate_size=48, max_position=64, activation="silu")
 
 
+@functools.cache  # params are immutable jax arrays: tests share the models
 def _adapted(rank, alpha, seed, targets="all-linear"):
     cfg = dataclasses.replace(TINY, lora=LoraConfig(rank=rank, alpha=alpha, targets=targets))
     model = build_model(cfg, "lm")
@@ -99,3 +101,28 @@ def test_the_graph_plan_merges_adapters_that_share_a_base(registry_with_adapters
     assert sorted(g.vs[e.target]["name"] for e in graph.out_edges(g, merged, ["merged_from"])) == ["lora-a", "lora-b"]
     valid = {n: s["reports"]["valid"]["f1"] for n, s in registry_with_adapters["summaries"].items()}
     assert report["score"] > 0.5 * min(valid.values())  # averaged adapters of one task keep most of the score
+
+
+def test_merge_adapters_keeps_rank_for_task_arithmetic_and_folds_other_methods():
+    (_, p1, c1), (_, p2, c2) = _adapted(4, 8.0, 1), _adapted(2, 16.0, 2)
+    p2 = lora.combine(lora.split(p1)[0], lora.split(p2)[1])
+    folded = [lora.fold(p1, 8.0), lora.fold(p2, 16.0)]
+    base = lora.split(p1)[0]
+    ta, cfg = merge_adapters("task_arithmetic", [p1, p2], [c1, c2], [1.0, 2.0], lam=0.5)
+    assert cfg.rank == 6  # an adapter still: the exact sum of the two
+    path = ("llama", "layer_1", "mlp", "down", "kernel")
+
+    def at(tree):
+        for k in path:
+            tree = tree[k]
+        return np.asarray(tree)
+
+    want = at(base) + 0.5 * (1.0 * (at(folded[0]) - at(base)) + 2.0 * (at(folded[1]) - at(base)))
+    np.testing.assert_allclose(at(lora.fold(ta, cfg.alpha)), want, rtol=1e-5, atol=1e-5)
+    # DARE at density 1 runs on the folded models and must land on the same weights
+    dare, none = merge_adapters("dare_linear", [p1, p2], [c1, c2], [1.0, 2.0], lam=0.5, density=1.0,
+                                key=jax.random.key(0))
+    assert none is None and "lora_a" not in dare["llama"]["layer_1"]["mlp"]["down"]
+    np.testing.assert_allclose(at(dare), want, rtol=1e-5, atol=1e-5)
+    for t, expected in ((0.0, folded[0]), (1.0, folded[1])):  # SLERP's ends are the folded adapters
+        np.testing.assert_allclose(at(merge_adapters("slerp", [p1, p2], [c1, c2], t=t)[0]), at(expected), atol=1e-6)

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import merge as M
+from jaxfound.fusion import sparsify
 
 
 def arr(*xs):
@@ -58,13 +59,13 @@ def test_task_arithmetic_by_hand():
 
 
 def test_trim_mask_keeps_top_k_magnitudes():
-    mask = M.trim_mask(arr(0.1, -5, 3, -0.2, 4), 0.4)  # k = int(0.4 * 5) = 2
+    mask = sparsify.trim_mask(arr(0.1, -5, 3, -0.2, 4), 0.4)  # k = int(0.4 * 5) = 2
     np.testing.assert_array_equal(np.asarray(mask), [False, True, False, False, True])
 
 
-def test_trim_mask_error_names_parameter_when_nothing_is_kept():
-    with pytest.raises(JaxfoundError, match="'bert/bias'.*density >= 0.5"):
-        M.trim_mask(arr(1, 2), 0.3, "bert/bias")
+def test_trim_mask_keeps_at_least_one_entry_like_mergekit():
+    # int(0.3 * 2) = 0, but mergekit's magnitude() keeps max(1, k): the largest entry survives
+    np.testing.assert_array_equal(np.asarray(sparsify.trim_mask(arr(1, -2), 0.3)), [False, True])
 
 
 def test_ties_keeps_majority_sign_and_takes_disjoint_mean():
@@ -109,14 +110,18 @@ def test_ties_density_one_agreeing_signs_equals_normalized_task_arithmetic(seed)
 # ---------------------------------------------------------------- DARE
 
 
-def test_dare_keeps_density_fraction_and_rescales_survivors():
+def test_dare_keeps_density_fraction_and_rescales_survivors_to_the_l1_norm():
     base = {"w": jnp.zeros((100, 100))}
     merged = M.dare(base, [{"w": jnp.ones((100, 100))}], [1.0], density=0.3, key=jax.random.key(0))
     w = np.asarray(merged["w"])
     kept = w != 0
     assert abs(kept.mean() - 0.3) < 0.02  # 4 sigma of Binomial(10000, 0.3) / 10000
-    np.testing.assert_allclose(w[kept], 1 / 0.3, rtol=1e-6)  # survivors rescaled by 1 / (1 - p)
-    assert abs(w.mean() - 1.0) < 0.07  # the rescale keeps the expected delta
+    # mergekit's rescale: survivors scaled so the task vector keeps its L1 norm (1 / density in expectation)
+    np.testing.assert_allclose(w[kept], 10000 / kept.sum(), rtol=1e-5)
+    np.testing.assert_allclose(np.abs(w).sum(), 10000, rtol=1e-5)
+    plain = np.asarray(M.dare(base, [{"w": jnp.ones((100, 100))}], density=0.3, key=jax.random.key(0),
+                              rescale=False)["w"])
+    np.testing.assert_array_equal(plain, kept.astype(np.float32))  # the same mask, survivors as they were
 
 
 def test_dare_is_fixed_by_key_and_differs_across_leaves():
@@ -145,6 +150,93 @@ def test_dare_ties_elects_signs_on_dropped_vectors():
 def test_dare_rejects_unknown_combine():
     with pytest.raises(JaxfoundError, match="combine.*'linear' and 'ties'"):
         M.dare(BASE, MODELS, density=0.5, key=jax.random.key(0), combine="mean")
+
+
+# ---------------------------------------------------------------- Breadcrumbs and DELLA
+
+
+def test_breadcrumbs_drops_the_outliers_and_the_smallest():
+    base, model = {"w": jnp.zeros(10)}, {"w": arr(1, -2, 3, -4, 5, -6, 7, -8, 9, -10)}
+    # density 0.5 keeps 5 of 10; gamma 0.2 drops the 2 largest (9, -10) first, so the 3 smallest go: 4 .. 8 remain
+    merged = M.breadcrumbs(base, [model], density=0.5, gamma=0.2)
+    close(merged, {"w": arr(0, 0, 0, -4, 5, -6, 7, -8, 0, 0)})
+
+
+def test_della_keeps_density_on_average_prefers_large_entries_and_keeps_the_l1_norm():
+    rng = np.random.default_rng(0)
+    tau = rng.normal(size=(200, 100)).astype(np.float32)
+    base = {"x": {"kernel": jnp.zeros((200, 100))}}
+    merged = np.asarray(M.della(base, [{"x": {"kernel": jnp.asarray(tau)}}], density=0.4, epsilon=0.2,
+                                key=jax.random.key(0), combine="linear")["x"]["kernel"])
+    kept = merged != 0
+    assert abs(kept.mean() - 0.4) < 0.01  # 5 sigma of 20000 draws
+    np.testing.assert_allclose(np.abs(merged).sum(), np.abs(tau).sum(), rtol=1e-4)  # rescale: the L1 norm stays
+    # within each output (a kernel's column) keep probability runs from 0.2 (smallest) to 0.6 (largest)
+    ranks = np.argsort(np.argsort(np.abs(tau), axis=0), axis=0)
+    assert abs(kept[ranks < 50].mean() - 0.25) < 0.02 and abs(kept[ranks >= 150].mean() - 0.55) < 0.02
+
+
+def test_random_methods_at_density_one_are_their_deterministic_methods():
+    key = jax.random.key(0)
+    close(M.merge("della", MODELS, [1, 2, 1], base=BASE, density=1.0, key=key),
+          M.ties(BASE, MODELS, [1, 2, 1], density=1.0))
+    close(M.merge("della_linear", MODELS, [1, 2, 1], base=BASE, density=1.0, key=key, lam=0.5),
+          M.task_arithmetic(BASE, MODELS, [1, 2, 1], lam=0.5))
+    close(M.merge("breadcrumbs_ties", MODELS, [1, 2, 1], base=BASE, density=1.0),
+          M.ties(BASE, MODELS, [1, 2, 1], density=1.0, normalize=False))
+
+
+def test_coefficients_may_be_functions_of_the_parameter_path():
+    base = {"attn": arr(0, 0), "mlp": arr(0, 0)}
+    model = {"attn": arr(1, 2), "mlp": arr(1, 2)}
+    merged = M.task_arithmetic(base, [model], lam=lambda path: 2.0 if path == "attn" else 0.5)
+    close(merged, {"attn": arr(2, 4), "mlp": arr(0.5, 1)})
+    soup = M.linear([base, model], weights=lambda path: [1, 3] if path == "mlp" else [1, 1])
+    close(soup, {"attn": arr(0.5, 1), "mlp": arr(0.75, 1.5)})
+
+
+# ---------------------------------------------------------------- SLERP and Model Stock
+
+
+def test_slerp_by_hand_on_orthogonal_tensors():
+    base, other = {"w": arr(1, 0)}, {"w": arr(0, 2)}  # 90 degrees apart; the angle comes from the unit vectors
+    s = np.sin(np.pi / 4)
+    close(M.slerp(base, other, t=0.5), {"w": arr(s, 2 * s)})
+    close(M.slerp(base, other, t=0.0), base)
+    close(M.slerp(base, other, t=1.0), other)
+    # one angle per whole tensor, not per row: [[1, 0], [0, 1]] vs [[0, 1], [1, 0]] are orthogonal as vectors
+    close(M.slerp({"k": jnp.eye(2)}, {"k": jnp.eye(2)[::-1]}, t=0.5), {"k": jnp.full((2, 2), s)})
+
+
+def test_slerp_of_parallel_tensors_is_linear():
+    base, other = {"w": arr(1, -2, 3)}, {"w": arr(3, -6, 9)}  # cos = 1 > DOT_THRESHOLD
+    close(M.slerp(base, other, t=0.25), {"w": 0.75 * arr(1, -2, 3) + 0.25 * arr(3, -6, 9)})
+    close(M.merge("slerp", [base, other], t=0.25), M.slerp(base, other, t=0.25))  # two models, no base
+
+
+def test_model_stock_by_hand():
+    base = {"w": arr(0, 0)}
+    # deltas [1, 0] and [1, 1]: cos = 1 / sqrt 2, t = 2 cos / (1 + cos); the result is t * average
+    c = 1 / np.sqrt(2)
+    t = 2 * c / (1 + c)
+    close(M.model_stock(base, [{"w": arr(1, 0)}, {"w": arr(1, 1)}]), {"w": t * arr(1, 0.5)})
+    # opposite deltas: 1 + (N - 1) cos = 0 has no estimate, the base is kept
+    close(M.model_stock(base, [{"w": arr(1, 2)}, {"w": arr(-1, -2)}]), base)
+
+
+def test_model_stock_filter_wise_measures_angles_per_output_of_a_kernel():
+    base = {"d": {"kernel": jnp.zeros((2, 2))}}  # (in, out): each column is one output's weights
+    a, b = jnp.asarray([[1.0, 1.0], [0.0, 0.0]]), jnp.asarray([[1.0, -1.0], [0.0, 0.0]])
+    merged = M.model_stock(base, [{"d": {"kernel": a}}, {"d": {"kernel": b}}], filter_wise=True)
+    # column 0: identical deltas (cos 1, t 1) -> their average; column 1: opposite (singular) -> the base
+    close(merged, {"d": {"kernel": jnp.asarray([[1.0, 0.0], [0.0, 0.0]])}})
+
+
+def test_output_axis_is_torchs_leading_axis():
+    assert M.output_axis("llama/layer_0/mlp/up/kernel", jnp.zeros((4, 8))) == -1
+    assert M.output_axis("bert/word/embedding", jnp.zeros((50, 4))) == 0
+    assert M.output_axis("gpt/layer_0/mlp/up/kernel", jnp.zeros((4, 8))) == 0  # GPT-2's Conv1D is (in, out)
+    assert M.output_axis("classifier/bias", jnp.zeros(3)) == 0
 
 
 # ---------------------------------------------------------------- properties and errors
@@ -188,7 +280,15 @@ def test_merge_errors_name_the_argument():
     with pytest.raises(JaxfoundError, match=r"density must be a Python number in \(0, 1\]"):
         M.ties(BASE, MODELS, density=0.0)
     with pytest.raises(JaxfoundError, match="valid methods: linear, task_arithmetic"):
-        M.merge("slerp", MODELS)
+        M.merge("sce", MODELS)
+    with pytest.raises(JaxfoundError, match="merge method 'ties' takes lam, normalize, rescale, density, key; got t"):
+        M.merge("ties", MODELS, base=BASE, t=0.5)
+    with pytest.raises(JaxfoundError, match="slerp interpolates two models"):
+        M.merge("slerp", MODELS, base=BASE)
+    with pytest.raises(JaxfoundError, match="'della' needs key="):
+        M.merge("della", MODELS, base=BASE, density=0.5)
+    with pytest.raises(JaxfoundError, match="epsilon < min"):
+        M.merge("della", MODELS, base=BASE, density=0.1, epsilon=0.15, key=jax.random.key(0))
     with pytest.raises(JaxfoundError, match="needs base="):
         M.merge("ties", MODELS)
 
@@ -263,6 +363,8 @@ def test_jit_merges_on_sharded_pytree_match_eager():
         (partial(M.ties, density=0.5), {"weights": weights}),
         (partial(M.dare, density=0.5, combine="ties"), {"weights": weights, "key": key}),
         (M.task_arithmetic, {"weights": weights, "lam": 0.3}),
+        (partial(M.della, density=0.5, epsilon=0.2), {"weights": weights, "key": key}),
+        (lambda b, ms: M.slerp(b, ms[0], t=0.3), {}),
     ]
     eager_base, eager_models = jax.tree.map(jnp.asarray, base), [jax.tree.map(jnp.asarray, m) for m in models]
     for fn, kwargs in cases:

@@ -5,9 +5,11 @@ the A_i side by side and B the B_i stacked, each scaled by w_i (alpha_i / r_i) /
 
     params, lora_cfg = linear_adapters([params_1, params_2], [lora_1, lora_2], weights=[0.5, 0.5])
 
-Methods that act on whole update matrices (TIES' trimming and sign election, DARE's drops) do not keep the rank: they
-run on the folded models (their deltas from the base are the adapters' W updates) through jaxfound.fusion.merge or the
-knowledge-graph plan, whose runs open LoRA run dirs with their adapters folded in, and give a folded model.
+`merge_adapters(method, ...)` serves every method of jaxfound.fusion.merge. linear and task_arithmetic keep the
+rank (their result is the weighted sum above: an adapter of rank sum r_i). The others do not, and run on the folded
+models, whose deltas from the shared base are the adapters' updates (alpha_i / r_i) A_i B_i: TIES, DARE, Breadcrumbs
+and DELLA mask and re-weight entries of those updates; SLERP mixes the two folded models, base included; Model Stock
+gives base + t * mean update with t from the updates' angles. They return a folded model (no adapters).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import numpy as np
 
 from jaxfound.config import LoraConfig
 from jaxfound.errors import JaxfoundError
+from jaxfound.fusion import merge
 from jaxfound.models import lora
+
+RANK_KEEPING = ("linear", "task_arithmetic")
 
 
 def _adapter_paths(adapters: Mapping, prefix: tuple = ()) -> dict[tuple, dict]:
@@ -64,4 +69,37 @@ def linear_adapters(params: Sequence[Mapping], configs: Sequence[LoraConfig], we
     return lora.combine(heads, merged), cfg
 
 
-__all__ = ["linear_adapters"]
+def merge_adapters(method: str, params: Sequence[Mapping], configs: Sequence[LoraConfig],
+                   weights: Sequence[float] | None = None, **kwargs) -> tuple[dict, LoraConfig | None]:
+    """Adapters of one base merged by a mergekit method -> (params, LoraConfig): an adapter for RANK_KEEPING methods
+    (lambda and normalize of task_arithmetic fold into the weights), else (folded params, None).
+
+    kwargs go to jaxfound.fusion.merge.merge (density, lam, t, key, ...). The base is the adapters' shared base
+    weights; slerp interpolates the two folded models (t = 0: the first); heads are averaged with the weights.
+    """
+    if method not in merge.METHODS:
+        raise JaxfoundError(f"merge method {method!r} is unknown; valid methods: {', '.join(merge.METHODS)}")
+    n = len(params)
+    if len(configs) != n:
+        raise JaxfoundError(f"merge_adapters: got {n} params and {len(configs)} LoraConfigs; give one per adapter")
+    if method in RANK_KEEPING:
+        w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+        if kwargs.pop("normalize", method == "linear"):  # mergekit's defaults: linear normalises, task_arithmetic not
+            w = w / w.sum()
+        w = w * float(kwargs.pop("lam", 1.0))
+        if kwargs:
+            raise JaxfoundError(f"{method} of adapters takes weights, lam and normalize; got {', '.join(kwargs)}")
+        return linear_adapters(params, configs, list(w))
+    folded = [lora.fold(jax.device_get(dict(p)), c.alpha) for p, c in zip(params, configs)]
+    key, base_trunk, _ = merge.split_trunk(lora.split(jax.device_get(dict(params[0])))[0])
+    trunks = [{key: merge.split_trunk(f)[1]} for f in folded]
+    if method == "slerp":
+        trunk = merge.merge(method, trunks, base=None, **kwargs)
+    else:
+        trunk = merge.merge(method, trunks, weights, base={key: base_trunk}, **kwargs)
+    heads = [merge.split_trunk(f)[2] for f in folded]
+    head = merge.linear(heads, weights) if heads[0] else {}
+    return {**trunk, **head}, None
+
+
+__all__ = ["RANK_KEEPING", "linear_adapters", "merge_adapters"]

@@ -1,280 +1,327 @@
-"""Model merging over parameter pytrees: linear soups, task arithmetic, TIES, DARE, greedy soups.
+"""Model merging over parameter pytrees: linear soups, task arithmetic, TIES, DARE, Breadcrumbs, DELLA, SLERP,
+Model Stock, greedy soups.
 
 Every merge is a pure function of plain nested dicts of arrays: it runs eagerly or under `jax.jit`
 on sharded arrays without moving them to the host. Hyper-parameters that shape the computation
-(`density`, `normalize`, `combine`) are Python values; bind them with `functools.partial` before jitting.
-The semantics follow mergekit's `linear`, `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`
-(generalized_task_arithmetic.py, sparsify.py): per-tensor sparsification, weights applied to the task
-vectors before sign election, and `normalize` dividing by the summed weights of the entries kept.
+(`density`, `gamma`, `epsilon`, `normalize`, `rescale`) are Python values; bind them with `functools.partial`
+before jitting. The semantics are mergekit's (0.1.5: generalized_task_arithmetic.py, sparsify.py, slerp.py,
+model_stock.py; tests/test_mergekit_parity.py compares outputs): per-tensor sparsification, weights applied to the
+task vectors before sign election, `normalize` dividing by the summed weights of the entries kept, and angles
+measured per output row in torch's layout (`output_axis`) where mergekit does so (Model Stock's filter_wise, DELLA's
+ranks; SLERP takes one angle per whole tensor). Coefficients may be functions of the parameter path, which is how
+recipes give per-layer gradients and filters. One known difference: GPT-2's fused c_attn is three tensors here
+(query, key, value), so per-tensor statistics (SLERP's angle, TIES' top-k, rescale norms) of GPT-2's attention input
+projection differ from mergekit's.
 """
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxfound.errors import JaxfoundError
+from jaxfound.fusion import aligned, interpolation, sparsify
+from jaxfound.fusion.aligned import Params, check_compatible, output_axis
 from jaxfound.models import TRUNK_KEYS
 
-Params = Mapping[str, Any]
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-
-
-# ---------------------------------------------------------------- compatibility
-
-
-def _path_str(path) -> str:
-    """'bert/layer_0/attn/kernel' for a pytree key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def _leaf_spec(x) -> tuple[tuple[int, ...], Any]:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return tuple(x.shape), jnp.dtype(x.dtype)
-    return tuple(np.shape(x)), np.asarray(x).dtype
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {_path_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_compatible(trees: Sequence[Params], names: Sequence[str] | None = None) -> None:
-    """Raise JaxfoundError at the first parameter whose key, shape or dtype differs from the first model's."""
-    if not trees:
-        raise JaxfoundError("nothing to merge: the list of models is empty")
-    names = list(names) if names is not None else [f"model {i}" for i in range(len(trees))]
-    if len(names) != len(trees):
-        raise JaxfoundError(f"names: got {len(names)} names for {len(trees)} models; give one name per model")
-    ref = _flat(trees[0])
-    ref_trunk = [k for k in TRUNK_KEYS if k in trees[0]]
-    for name, tree in zip(names[1:], trees[1:]):
-        trunk = [k for k in TRUNK_KEYS if k in tree]
-        if trunk and ref_trunk and trunk != ref_trunk:
-            raise JaxfoundError(
-                f"{name} is a '{trunk[0]}' model but {names[0]} is a '{ref_trunk[0]}' model: different "
-                "architectures never merge (their parameters mean different things even where shapes agree, e.g. "
-                "RoBERTa's positions start after the pad id and it has one token type); merge fine-tunes of one base"
-            )
-        leaves = _flat(tree)
-        for path, leaf in ref.items():
-            if path not in leaves:
-                raise JaxfoundError(
-                    f"{name} has no parameter '{path}', which {names[0]} has; models to merge need the same keys"
-                )
-            (ref_shape, ref_dtype), (shape, dtype) = _leaf_spec(leaf), _leaf_spec(leaves[path])
-            if shape != ref_shape:
-                raise JaxfoundError(
-                    f"parameter '{path}' of {name} has shape {shape}, but {names[0]} has {ref_shape}; "
-                    "models to merge need one architecture"
-                )
-            if dtype != ref_dtype:
-                raise JaxfoundError(
-                    f"parameter '{path}' of {name} has dtype {dtype}, but {names[0]} has {ref_dtype}; "
-                    "cast the models to one dtype before merging"
-                )
-        extra = [path for path in leaves if path not in ref]
-        if extra:
-            raise JaxfoundError(
-                f"{name} has parameter '{extra[0]}', which {names[0]} lacks; models to merge need the same keys"
-            )
-
-
-# ---------------------------------------------------------------- argument checks
-
-
-def _weights_N(weights, n: int):
-    """Weights as a float32 vector of length n (None: all ones)."""
-    if weights is None:
-        return jnp.ones((n,), jnp.float32)
-    got = np.shape(weights)[0] if np.ndim(weights) else None
-    if got != n:
-        raise JaxfoundError(f"weights: got {got if got is not None else 'a scalar'} for {n} models; give one per model")
-    return jnp.asarray(weights, jnp.float32)
-
-
-def _densities(density, n: int) -> list[float]:
-    """One Python float in (0, 1] per model; density is static because it fixes top-k sizes."""
-    values = list(density) if isinstance(density, (list, tuple)) else [density] * n
-    if len(values) != n:
-        raise JaxfoundError(f"density: got {len(values)} values for {n} models; give one or one per model")
-    for d in values:
-        if not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
-            raise JaxfoundError(f"density must be a Python number in (0, 1], got {d!r}")
-    return [float(d) for d in values]
-
-
-def _compute_dtype(dtype):
-    # bf16 / f16 checkpoints are merged in f32 and cast back, like mergekit's `.to(base.dtype)`
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _broadcast(w_N, x_NxS):
-    return w_N.reshape((-1,) + (1,) * (x_NxS.ndim - 1)).astype(x_NxS.dtype)
-
-
-def _map_leaves(fn: Callable, base: Params | None, trees: Sequence[Params]):
-    """fn(leaf_index, path, base_leaf, leaves) over aligned leaves (base_leaf None without a base)."""
-    names = [f"model {i}" for i in range(len(trees))]
-    check_compatible(list(trees), names) if base is None else check_compatible([base, *trees], ["base", *names])
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(trees[0])
-    base_leaves = jax.tree_util.tree_leaves(base) if base is not None else [None] * len(paths_leaves)
-    flats = [jax.tree_util.tree_leaves(t) for t in trees]
-    out = [fn(i, _path_str(path), base_leaves[i], [f[i] for f in flats]) for i, (path, _) in enumerate(paths_leaves)]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _deltas(base_leaf, leaves):
-    """Task vectors of one tensor stacked on a leading model axis, in the compute dtype."""
-    dtype = _compute_dtype(base_leaf.dtype)
-    return jnp.stack([x.astype(dtype) for x in leaves]) - base_leaf.astype(dtype)
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+           "della_linear", "slerp", "model_stock")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 
 
 # ---------------------------------------------------------------- linear and task arithmetic
 
 
 def linear(trees: Sequence[Params], weights=None, normalize: bool = True) -> Params:
-    """Weighted average of models (a model soup): sum_i w_i theta_i, divided by sum_i w_i when normalize."""
-    w_N = _weights_N(weights, len(trees))
+    """Weighted average of models (a model soup): sum_i w_i theta_i, divided by sum_i w_i when normalize.
 
-    def leaf(_i, _path, _base, leaves):
-        x_NxS = jnp.stack([x.astype(_compute_dtype(x.dtype)) for x in leaves])
-        w = _broadcast(w_N, x_NxS)
-        mixed = (w * x_NxS).sum(0)
-        if normalize:
-            total = w_N.sum()
-            mixed = mixed / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
-        return mixed.astype(leaves[0].dtype)
+    weights: one per model, or a function of the parameter path returning them."""
+    aligned.weights_vector(weights if not callable(weights) else None, len(trees))
 
-    return _map_leaves(leaf, None, trees)
+    def leaf(_i, path, _base, leaves):
+        flat = tuple(x.reshape(-1) for x in leaves)
+        mixed = _linear_tensor(flat, aligned.weights_vector(aligned.at(weights, path), len(trees)), normalize=normalize)
+        return mixed.reshape(np.shape(leaves[0]))
+
+    return aligned.map_leaves(leaf, None, trees)
+
+
+# Per-tensor kernels are jitted: eager jax would compile every primitive for every new shape; these compile once per
+# (shape, static hyper-parameters) and are reused across leaves, layers and merges. Where the layout does not matter
+# they see tensors flattened, so tensors of one size share a kernel.
+@partial(jax.jit, static_argnames=("normalize",))
+def _linear_tensor(leaves, w_N, *, normalize: bool):
+    x_NxS = jnp.stack([x.astype(aligned.compute_dtype(x.dtype)) for x in leaves])
+    mixed = (aligned.broadcast(w_N, x_NxS) * x_NxS).sum(0)
+    if normalize:
+        total = w_N.sum()
+        mixed = mixed / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
+    return mixed.astype(leaves[0].dtype)
 
 
 def task_vectors(base: Params, trees: Sequence[Params]) -> list[Params]:
     """tau_i = theta_i - theta_base for each model, in f32 (or wider) so small deltas survive."""
     check_compatible([base, *trees], ["base"] + [f"model {i}" for i in range(len(trees))])
-    return [jax.tree.map(lambda x, b: x.astype(_compute_dtype(b.dtype)) - b.astype(_compute_dtype(b.dtype)), t, base)
-            for t in trees]
+    def delta(x, b):
+        dtype = aligned.compute_dtype(b.dtype)
+        return x.astype(dtype) - b.astype(dtype)
+
+    return [jax.tree.map(delta, t, base) for t in trees]
 
 
-def _combine(deltas_NxS, w_N, consensus: bool, normalize: bool):
-    """mergekit's mixing step: weight, optionally elect a sign per entry, sum, optionally normalise."""
-    w = _broadcast(w_N, deltas_NxS)
+def _combine(deltas_NxS, w_N, consensus, normalize):
+    """mergekit's mixing step: weight, optionally elect a sign per entry, sum, optionally normalise.
+
+    consensus and normalize may be traced booleans (one compiled kernel serves TIES and its relatives)."""
+    w = aligned.broadcast(w_N, deltas_NxS)
     weighted = deltas_NxS * w
-    if consensus:
-        # TIES sign election by summed (weighted) mass; a zero sum elects +
-        majority = jnp.where(weighted.sum(0) >= 0, 1.0, -1.0).astype(weighted.dtype)
-        agree = jnp.sign(weighted) == majority  # trimmed (zero) entries never agree, so they leave the mean
-        mixed = jnp.where(agree, weighted, 0).sum(0)
-        divisor = jnp.where(agree, w, 0).sum(0)
-        divisor = jnp.where(divisor == 0, 1.0, divisor)
+    # TIES sign election by summed (weighted) mass; a zero sum elects +
+    majority = jnp.where(weighted.sum(0) >= 0, 1.0, -1.0).astype(weighted.dtype)
+    agree = jnp.sign(weighted) == majority  # trimmed (zero) entries never agree, so they leave the mean
+    elected = jnp.where(agree, weighted, 0).sum(0)
+    elected_divisor = jnp.where(agree, w, 0).sum(0)
+    elected_divisor = jnp.where(elected_divisor == 0, 1.0, elected_divisor)
+    total = w_N.sum().astype(weighted.dtype)
+    total = jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
+    mixed = jnp.where(consensus, elected, weighted.sum(0))
+    divisor = jnp.where(consensus, elected_divisor, total)
+    return jnp.where(normalize, mixed / divisor, mixed)
+
+
+# ---------------------------------------------------------------- sparsified task arithmetic (TIES, DARE, ...)
+
+# mergekit's generalized task arithmetic family: method -> (sparsification, sign consensus, normalize, rescale)
+TASK_ARITHMETIC_FAMILY = {
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("bernoulli", False, False, True),
+    "dare_ties": ("bernoulli", True, False, True),
+    "breadcrumbs": ("outliers", False, False, False),
+    "breadcrumbs_ties": ("outliers", True, False, False),
+    "della": ("magprune", True, True, True),
+    "della_linear": ("magprune", False, False, True),
+}
+GAMMA, EPSILON = 0.01, 0.15  # mergekit's defaults for breadcrumbs' outlier fraction and DELLA's probability spread
+_SPARSE_KWARGS = ("lam", "normalize", "rescale", "density", "key")
+METHOD_KWARGS = {"linear": ("normalize",), "slerp": ("t",), "model_stock": ("filter_wise",),
+                 "task_arithmetic": ("lam", "normalize", "rescale", "density"),  # density: mergekit takes it, unused
+                 **{m: _SPARSE_KWARGS for m in ("ties", "dare_linear", "dare_ties")},
+                 **{m: _SPARSE_KWARGS + ("gamma",) for m in ("breadcrumbs", "breadcrumbs_ties")},
+                 **{m: _SPARSE_KWARGS + ("epsilon",) for m in ("della", "della_linear")}}
+
+
+def _sparsify(tau, sparsification, window, prob, eps, rescale, key, row_axis):
+    """One task vector sparsified as mergekit's sparsify(): window (kept ranks by |tau|) for the deterministic masks,
+    prob / eps for the random ones (all may be traced)."""
+    if sparsification == "rank":  # magnitude (TIES) and outliers (Breadcrumbs) keep a window of ranks
+        mask = sparsify.rank_window_mask(tau, window[0], window[1])
+    elif sparsification == "bernoulli":
+        mask = sparsify.bernoulli_mask(tau, prob, key)
     else:
-        mixed = weighted.sum(0)
-        divisor = w_N.sum().astype(weighted.dtype)
-        divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
-    return mixed / divisor if normalize else mixed
+        mask = sparsify.magprune_mask(tau, prob, eps, key, row_axis)
+    return sparsify.apply_mask(tau, mask, rescale)
+
+
+def _sparsity_args(sparsification, size: int, densities, gammas, epsilons):
+    """(which models are sparsified, kept-rank windows Nx2, keep probabilities N, epsilons N): Python values checked
+    and turned into arrays, so one compiled kernel serves every density."""
+    active = tuple(sparsification is not None and d < 1.0 for d in densities)
+    windows = []
+    for d, g, e in zip(densities, gammas, epsilons):
+        if sparsification == "magprune" and d < 1.0:
+            sparsify.check_magprune(d, e)
+        windows.append(sparsify.outlier_window(size, d, g) if sparsification == "outliers" else
+                       sparsify.magnitude_window(size, d))
+    return (active, jnp.asarray(windows, jnp.int32).reshape(-1, 2), jnp.asarray(densities, jnp.float32),
+            jnp.asarray(epsilons, jnp.float32))
+
+
+@partial(jax.jit, static_argnames=("sparsification", "active", "row_axis"))
+def _task_arithmetic_tensor(base, leaves, w_N, lam, key, windows_Nx2, probs_N, eps_N, consensus, normalize, rescale,
+                            *, sparsification, active, row_axis):
+    deltas = aligned.deltas(base, leaves)
+    sparse = jnp.stack([
+        _sparsify(t, sparsification, windows_Nx2[i], probs_N[i], eps_N[i], rescale,
+                  jax.random.fold_in(key, i) if key is not None else None, row_axis) if active[i] else t
+        for i, t in enumerate(deltas)])
+    mixed = _combine(sparse, w_N, consensus=consensus, normalize=normalize)
+    return (base.astype(mixed.dtype) + lam * mixed).astype(base.dtype)
+
+
+def generalized_task_arithmetic(base: Params, trees: Sequence[Params], weights=None, *, sparsification=None,
+                                consensus: bool = False, density=1.0, gamma=GAMMA, epsilon=EPSILON,
+                                rescale: bool = False, lam=1.0, normalize: bool = False, key=None) -> Params:
+    """theta_base + lam * mix_i(w_i * sparsify(tau_i)), mergekit's generalized task arithmetic, per tensor.
+
+    sparsification: None, 'magnitude' (TIES), 'outliers' (Breadcrumbs), 'bernoulli' (DARE), 'magprune' (DELLA).
+    consensus: elect a sign per entry by summed weighted mass and keep only the agreeing entries (TIES).
+    normalize: divide by the summed weights (of the agreeing entries, with consensus).
+    rescale: scale the kept entries so each task vector keeps its L1 norm.
+    weights, density, gamma, epsilon, lam may be functions of the parameter path ('llama/layer_3/mlp/up/kernel')
+    returning the value for that tensor (mergekit's per-layer gradients and filters); density, gamma and epsilon
+    are one Python float or one per model. The random mask of model i on leaf j uses fold_in(fold_in(key, j), i).
+    """
+    if sparsification not in (None, "magnitude", "outliers", "bernoulli", "magprune"):
+        raise JaxfoundError(f"sparsification: got {sparsification!r}; valid: None, 'magnitude', 'outliers', "
+                            "'bernoulli', 'magprune'")
+    if sparsification in ("bernoulli", "magprune") and key is None:
+        raise JaxfoundError(f"{sparsification} sparsification needs key=jax.random.key(seed): its masks are random")
+    n = len(trees)
+    aligned.weights_vector(weights if not callable(weights) else None, n)  # a fixed list is checked before any work
+
+    def leaf(j, path, b, leaves):
+        active, windows, probs, eps = _sparsity_args(
+            sparsification, int(np.size(b)), aligned.densities_per_model(aligned.at(density, path), n),
+            aligned.per_model(aligned.at(gamma, path), n, "gamma", 0.0, 1.0),
+            aligned.per_model(aligned.at(epsilon, path), n, "epsilon", 0.0, 1.0))
+        kind = sparsification if any(active) else None  # static arguments only where they change the computation
+        by_rows = kind == "magprune"  # the only sparsification that depends on the layout
+        shape = np.shape(b)
+        merged = _task_arithmetic_tensor(
+            b if by_rows else b.reshape(-1), tuple(x if by_rows else x.reshape(-1) for x in leaves),
+            aligned.weights_vector(aligned.at(weights, path), n), jnp.asarray(aligned.at(lam, path), jnp.float32),
+            jax.random.fold_in(key, j) if kind in ("bernoulli", "magprune") else None, windows, probs, eps,
+            jnp.asarray(consensus), jnp.asarray(normalize), jnp.asarray(rescale),
+            sparsification="rank" if kind in ("magnitude", "outliers") else kind, active=active,
+            row_axis=output_axis(path, b) if by_rows else 0)
+        return merged.reshape(shape)
+
+    return aligned.map_leaves(leaf, base, trees)
 
 
 def task_arithmetic(base: Params, trees: Sequence[Params], weights=None, lam=1.0, normalize: bool = False) -> Params:
     """theta_base + lam * sum_i w_i tau_i (divided by sum_i w_i when normalize)."""
-    w_N = _weights_N(weights, len(trees))
-
-    def leaf(_i, _path, b, leaves):
-        mixed = _combine(_deltas(b, leaves), w_N, consensus=False, normalize=normalize)
-        return (b.astype(mixed.dtype) + lam * mixed).astype(b.dtype)
-
-    return _map_leaves(leaf, base, trees)
+    return generalized_task_arithmetic(base, trees, weights, lam=lam, normalize=normalize)
 
 
-# ---------------------------------------------------------------- TIES and DARE
-
-
-def trim_mask(tau, density: float, path: str = "tensor"):
-    """Boolean mask of the int(density * size) largest-magnitude entries of one tensor (mergekit `magnitude`)."""
-    if density >= 1.0:
-        return jnp.ones(tau.shape, bool)
-    k = int(density * tau.size)
-    if k == 0:
-        raise JaxfoundError(
-            f"density={density} keeps no entry of parameter '{path}' ({tau.size} entries); "
-            f"use density >= {1.0 / tau.size:.3g}"
-        )
-    _, idx = jax.lax.top_k(jnp.abs(tau).reshape(-1), k)
-    return jnp.zeros((tau.size,), bool).at[idx].set(True).reshape(tau.shape)
-
-
-def ties(base: Params, trees: Sequence[Params], weights=None, density=1.0, lam=1.0, normalize: bool = True) -> Params:
+def ties(base: Params, trees: Sequence[Params], weights=None, density=1.0, lam=1.0, normalize: bool = True,
+         rescale: bool = False) -> Params:
     """TIES-merging: trim each task vector per tensor to its top density fraction, elect signs, disjoint mean.
 
     density: one float or one per model. With normalize (mergekit's default for `ties`) each entry is
     divided by the summed weights of the models whose trimmed, weighted delta agrees with the elected sign.
     """
-    w_N = _weights_N(weights, len(trees))
-    densities = _densities(density, len(trees))
-
-    def leaf(_i, path, b, leaves):
-        deltas = _deltas(b, leaves)
-        trimmed = jnp.stack([jnp.where(trim_mask(t, d, path), t, 0) for t, d in zip(deltas, densities)])
-        mixed = _combine(trimmed, w_N, consensus=True, normalize=normalize)
-        return (b.astype(mixed.dtype) + lam * mixed).astype(b.dtype)
-
-    return _map_leaves(leaf, base, trees)
+    return generalized_task_arithmetic(base, trees, weights, sparsification="magnitude", consensus=True,
+                                       density=density, lam=lam, normalize=normalize, rescale=rescale)
 
 
-def drop_and_rescale(tau, density: float, key):
-    """DARE: keep each entry with probability density and divide the survivors by density."""
+def drop_and_rescale(tau, density: float, key, rescale: bool = True):
+    """DARE on one tensor: keep each entry with probability density, then (rescale) restore the L1 norm."""
     if density >= 1.0:
         return tau
-    keep = jax.random.bernoulli(key, density, tau.shape)
-    return jnp.where(keep, tau / density, 0).astype(tau.dtype)
+    return sparsify.apply_mask(tau, sparsify.bernoulli_mask(tau, density, key), rescale)
 
 
 def dare(base: Params, trees: Sequence[Params], weights=None, density=1.0, key=None, combine: str = "linear",
-         lam=1.0, normalize: bool = False) -> Params:
-    """DARE (drop rate 1 - density, 1/density rescale) then a task-arithmetic ('linear') or TIES ('ties') combine.
+         lam=1.0, normalize: bool = False, rescale: bool = True) -> Params:
+    """DARE (drop rate 1 - density) then a task-arithmetic ('linear') or TIES ('ties') combine.
 
-    The mask of model i on leaf j uses fold_in(fold_in(key, j), i), so it is fixed by (key, tree layout).
-    normalize defaults to False as in mergekit's `dare_linear` and `dare_ties`.
+    rescale (mergekit's default) scales each dropped task vector back to its L1 norm, which is DARE's 1 / density
+    in expectation. The mask of model i on leaf j uses fold_in(fold_in(key, j), i), so it is fixed by (key, tree
+    layout). normalize defaults to False as in mergekit's `dare_linear` and `dare_ties`.
     """
     if combine not in ("linear", "ties"):
         raise JaxfoundError(f"combine: got {combine!r}; valid values are 'linear' and 'ties'")
     if key is None:
         raise JaxfoundError("dare needs key=jax.random.key(seed): the dropped entries are random")
-    w_N = _weights_N(weights, len(trees))
-    densities = _densities(density, len(trees))
+    return generalized_task_arithmetic(base, trees, weights, sparsification="bernoulli", consensus=combine == "ties",
+                                       density=density, lam=lam, normalize=normalize, rescale=rescale, key=key)
 
-    def leaf(j, _path, b, leaves):
-        leaf_key = jax.random.fold_in(key, j)
-        deltas = _deltas(b, leaves)
-        dropped = jnp.stack([drop_and_rescale(t, d, jax.random.fold_in(leaf_key, i))
-                             for i, (t, d) in enumerate(zip(deltas, densities))])
-        mixed = _combine(dropped, w_N, consensus=combine == "ties", normalize=normalize)
-        return (b.astype(mixed.dtype) + lam * mixed).astype(b.dtype)
 
-    return _map_leaves(leaf, base, trees)
+def breadcrumbs(base: Params, trees: Sequence[Params], weights=None, density=1.0, gamma=GAMMA, combine="linear",
+                lam=1.0, normalize: bool = False, rescale: bool = False) -> Params:
+    """Model Breadcrumbs: per tensor, drop the gamma fraction of largest |tau| (outliers) and the smallest, keeping a
+    density fraction; then a task-arithmetic ('linear') or TIES ('ties', mergekit's breadcrumbs_ties) combine."""
+    if combine not in ("linear", "ties"):
+        raise JaxfoundError(f"combine: got {combine!r}; valid values are 'linear' and 'ties'")
+    return generalized_task_arithmetic(base, trees, weights, sparsification="outliers", consensus=combine == "ties",
+                                       density=density, gamma=gamma, lam=lam, normalize=normalize, rescale=rescale)
+
+
+def della(base: Params, trees: Sequence[Params], weights=None, density=1.0, epsilon=EPSILON, key=None,
+          combine="ties", lam=1.0, normalize: bool | None = None, rescale: bool = True) -> Params:
+    """DELLA (MAGPRUNE): within each output row, keep an entry with probability from density - epsilon to
+    density + epsilon by the rank of its |tau|, restore each task vector's L1 norm (rescale), then a TIES ('ties',
+    mergekit's della) or task-arithmetic ('linear', della_linear) combine. normalize defaults as in mergekit: on for
+    della, off for della_linear."""
+    if combine not in ("linear", "ties"):
+        raise JaxfoundError(f"combine: got {combine!r}; valid values are 'linear' and 'ties'")
+    if key is None:
+        raise JaxfoundError("della needs key=jax.random.key(seed): the dropped entries are random")
+    normalize = combine == "ties" if normalize is None else normalize
+    return generalized_task_arithmetic(base, trees, weights, sparsification="magprune", consensus=combine == "ties",
+                                       density=density, epsilon=epsilon, lam=lam, normalize=normalize,
+                                       rescale=rescale, key=key)
+
+
+# ---------------------------------------------------------------- SLERP and Model Stock
+
+
+def slerp(base: Params, other: Params, t=0.5) -> Params:
+    """SLERP from base (t = 0) to other (t = 1), each tensor flattened to one vector as mergekit's `slerp`.
+
+    t: a float or a function of the parameter path (per-layer gradients, filters). Tensors that are (anti)parallel
+    interpolate linearly (interpolation.DOT_THRESHOLD).
+    """
+    def leaf(_i, path, b, leaves):
+        t_here = jnp.asarray(aligned.at(t, path), jnp.float32)
+        return _slerp_tensor(t_here, b.reshape(-1), leaves[0].reshape(-1)).reshape(np.shape(b))
+
+    return aligned.map_leaves(leaf, base, [other])
+
+
+def model_stock(base: Params, trees: Sequence[Params], filter_wise: bool = False) -> Params:
+    """Model Stock: per tensor (per output row when filter_wise) move from base towards the models' average by the
+    ratio their pairwise angle implies; needs >= 2 models besides the base."""
+    if len(trees) < 2:
+        raise JaxfoundError(f"model_stock needs at least 2 models besides the base, got {len(trees)}")
+
+    def leaf(_i, path, b, leaves):
+        if filter_wise:
+            return _model_stock_tensor(b, tuple(leaves), filter_wise=True, row_axis=output_axis(path, b))
+        flat = _model_stock_tensor(b.reshape(-1), tuple(x.reshape(-1) for x in leaves), filter_wise=False, row_axis=0)
+        return flat.reshape(np.shape(b))
+
+    return aligned.map_leaves(leaf, base, trees)
+
+
+_slerp_tensor = jax.jit(interpolation.slerp)
+_model_stock_tensor = jax.jit(interpolation.model_stock, static_argnames=("filter_wise", "row_axis"))
 
 
 def merge(method: str, trees: Sequence[Params], weights=None, *, base: Params | None = None, **kwargs) -> Params:
-    """Dispatch by mergekit method name: linear, task_arithmetic, ties, dare_linear, dare_ties."""
+    """Dispatch by mergekit method name (METHODS) with mergekit's defaults for normalize and rescale.
+
+    slerp: base and one model (or two models and no base: the first is t = 0); slerp and model_stock take no
+    weights (mergekit has none) and ignore them. Random methods (dare_*, della*) need key=.
+    """
     if method not in METHODS:
         raise JaxfoundError(f"merge method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
+    unknown = [k for k in kwargs if k not in METHOD_KWARGS[method]]
+    if unknown:
+        raise JaxfoundError(f"merge method {method!r} takes {', '.join(METHOD_KWARGS[method])}; "
+                            f"got {', '.join(unknown)}")
     if method == "linear":
         return linear(trees, weights, **kwargs)
+    if method == "slerp":
+        if base is None and len(trees) == 2:
+            base, trees = trees[0], trees[1:]
+        if base is None or len(trees) != 1:
+            raise JaxfoundError(f"slerp interpolates two models: give base= and one model, or two models; got "
+                                f"{len(trees)} model(s) {'with' if base is not None else 'without'} a base")
+        return slerp(base, trees[0], **kwargs)
     if base is None:
         raise JaxfoundError(f"merge method {method!r} needs base= (the model the task vectors are taken from)")
-    if method == "task_arithmetic":
-        return task_arithmetic(base, trees, weights, **kwargs)
-    if method == "ties":
-        return ties(base, trees, weights, **kwargs)
-    return dare(base, trees, weights, combine=method.removeprefix("dare_"), **kwargs)
+    if method == "model_stock":
+        return model_stock(base, trees, **kwargs)
+    sparsification, consensus, normalize, rescale = TASK_ARITHMETIC_FAMILY[method]
+    if sparsification in ("bernoulli", "magprune") and kwargs.get("key") is None:
+        raise JaxfoundError(f"merge method {method!r} needs key=jax.random.key(seed): its masks are random")
+    kwargs = {"normalize": normalize, "rescale": rescale} | kwargs
+    return generalized_task_arithmetic(base, trees, weights, sparsification=sparsification, consensus=consensus,
+                                       **kwargs)
 
 
 # ---------------------------------------------------------------- soups
@@ -338,5 +385,7 @@ def merge_trunk(method: str, models: Sequence[Params], weights=None, *, base: Pa
         base_key, base_trunk, _ = split_trunk(base)
         if base_key != key:
             raise JaxfoundError(f"base has trunk '{base_key}' but the models have '{key}'")
-    merged = merge(method, trunks, weights, base=base_trunk, **kwargs)
+    # merged under the trunk key, so coefficient functions and output_axis see full paths ('gpt/layer_0/...')
+    merged = merge(method, [{key: t} for t in trunks], weights,
+                   base={key: base_trunk} if base_trunk is not None else None, **kwargs)[key]
     return [{key: merged, **heads} for _, _, heads in split]

@@ -707,5 +707,17 @@ def save_pretrained(path, model, params, tokenizer=None, id2label=None, max_shar
     return path
 
 
+def transformers_names(model) -> dict[str, str]:
+    """{jaxfound param path ('llama/layer_0/attention/query/kernel'): the transformers tensor name save_pretrained
+    writes for it ('model.layers.0.self_attn.q_proj.weight')}; GPT-2's query / key / value all name c_attn."""
+    cfg, head = model.cfg, model.head
+    out = {}
+    for hf_name, ours, kind in _entries(cfg, head, model_type_of(cfg)):
+        if kind != "zero":
+            full = TRUNK_PREFIX[cfg.arch] + hf_name if head != "none" and _is_trunk(hf_name) else hf_name
+            out |= dict.fromkeys(("/".join(p) for p in ours), full)
+    return out
+
+
 __all__ = ["ARCHITECTURES", "HFConfig", "from_pretrained", "hf_config_from_dict", "load_hf_config", "model_type_of",
-           "params_from_weights", "read_weights", "save_pretrained", "weights_file"]
+           "params_from_weights", "read_weights", "save_pretrained", "transformers_names", "weights_file"]
