@@ -94,6 +94,10 @@ class DataConfig:
     mask_prob: float = 0.15
     valid_fraction: float = 0.02  # documents held out for eval
     synthetic_docs: int = 20000
+    # pretraining: tokenize data.path once into this directory (shards read as memory maps, keyed by the corpus
+    # content and the tokenizer) and reuse it in later runs; None = tokenize in memory in every run
+    cache_dir: str | None = None
+    cache_workers: int = 0  # processes tokenizing into cache_dir; 0 = one per CPU, 1 = the run's own process
     # fine-tuning files (CoNLL for ner, CSV / JSON lines for cls)
     train: str | None = None
     valid: str | None = None
@@ -185,7 +189,7 @@ _PRETRAIN = {
     **_SHARED,
     "model": _keys(ModelConfig, "num_labels", "quant", "lora"),  # model.init: continued pretraining
     "data": ("path", "format", "text_field", "tokenizer", "tokenizer_vocab", "seq_len", "mask_prob",
-             "valid_fraction", "synthetic_docs"),
+             "valid_fraction", "synthetic_docs", "cache_dir", "cache_workers"),
     "train": ("task", "steps", "schedule_steps", "batch_size", "grad_accum", "seed", "log_every", "eval_every",
               "eval_at_start", "eval_batches", "lr", "warmup_steps", "schedule", "weight_decay", "b1", "b2", "eps",
               "clip_norm", "nonfinite"),
@@ -269,8 +273,9 @@ _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.
              "train.epochs", "train.batch_size", "train.grad_accum", "train.log_every", "train.eval_every",
              "train.eval_batches", "checkpoint.keep")
 _NON_NEGATIVE = ("model.vocab_size", "model.head_dim", "model.sliding_window", "model.pad_token_id",
-                 "data.synthetic_docs", "train.steps", "train.schedule_steps", "train.warmup_steps", "train.lr",
-                 "train.weight_decay", "train.eps", "train.clip_norm", "checkpoint.every")
+                 "data.synthetic_docs", "data.cache_workers", "train.steps", "train.schedule_steps",
+                 "train.warmup_steps", "train.lr", "train.weight_decay", "train.eps", "train.clip_norm",
+                 "checkpoint.every")
 _UNIT = {"model.dropout": (0.0, 1.0, "[0, 1)"), "data.mask_prob": (0.0, 1.0, "(0, 1)"),
          "data.valid_fraction": (0.0, 1.0, "[0, 1)"), "train.warmup_ratio": (0.0, 1.0, "[0, 1]"),
          "train.b1": (0.0, 1.0, "[0, 1)"), "train.b2": (0.0, 1.0, "[0, 1)")}

@@ -32,7 +32,8 @@ LAYERS = [
 # .bin checkpoints); libtpu (684 MB, the tpu extra) is loaded only to describe a TPU topology
 LAZY = {("jaxfound.accelerators", "libtpu"),
         ("jaxfound.checkpoint", "grain"), ("jaxfound.data.finetune", "grain"), ("jaxfound.data.pipeline", "grain"),
-        ("jaxfound.data.corpus", "datasets"), ("jaxfound.data.tokenizer", "transformers"),
+        ("jaxfound.data.corpus", "datasets"), ("jaxfound.data.corpus", "pyarrow"),
+        ("jaxfound.data.tokenizer", "transformers"),
         ("jaxfound.interop.hf", "torch"), ("jaxfound.interop.gguf", "transformers")}
 
 

@@ -61,13 +61,24 @@ def test_default_pretrain_learns_within_five_minutes(tmp_path):
 
 
 def test_resume_replays_the_same_losses(tmp_path):
+    """From a corpus file tokenized once into data.cache_dir: the first run builds the entry, the later runs open
+    it (it is not rewritten), and the resumed run replays the uninterrupted one's losses."""
+    from jaxfound.data.synthetic import synthetic_corpus
+
+    corpus, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    corpus.write_text("\n\n".join(synthetic_corpus(600, seed=5)) + "\n")
+    data = [f"data.path={corpus}", f"data.cache_dir={cache}", "data.cache_workers=1"]
     _pretrain(tmp_path / "whole", "train.steps=40", "train.schedule_steps=40", "checkpoint.every=20",
-              "train.eval_every=10")
-    # one tokenizer for both (WordPiece training may break count ties differently from run to run)
+              "train.eval_every=10", *data)
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    built = (entry / "manifest.json").stat().st_mtime_ns
+    # one tokenizer for both, so one cache entry
     schedule = ["train.schedule_steps=40", "checkpoint.every=20", f"data.tokenizer={tmp_path / 'whole' / 'tokenizer'}",
-                "train.eval_every=10"]
+                "train.eval_every=10", *data]
     _pretrain(tmp_path / "split", "train.steps=20", *schedule)
     _pretrain(tmp_path / "split", "train.steps=40", *schedule)
+    assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
+    assert (entry / "manifest.json").stat().st_mtime_ns == built
     whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 41))
     assert [split[s] for s in range(21, 41)] == [whole[s] for s in range(21, 41)]

@@ -16,7 +16,7 @@ import numpy as np
 from jaxfound import runs
 from jaxfound.app import registry
 from jaxfound.config import LoraConfig, ModelConfig
-from jaxfound.data.pipeline import batch_iterator, fingerprint, local_batch
+from jaxfound.data.pipeline import batch_iterator, local_batch, packed_fingerprint
 from jaxfound.data.pretrain import prepare_pretraining
 from jaxfound.data.tokenizer import load_tokenizer
 from jaxfound.errors import JaxfoundError
@@ -178,7 +178,7 @@ def pretrain(cfg) -> dict:
         extra={"task": task.name, "arch": cfg.model.arch, "vocab_size": data.vocab_size, "documents": data.num_docs,
                "corpus_tokens": data.num_tokens, "tokenizer": tokenizer_dir, "init": cfg.model.init,
                "init_fresh": init.fresh if init else None},
-        data_fingerprint=fingerprint(data.train.corpus.ids_NxL, data.train.corpus.segment_ids_NxL),
+        data_fingerprint=packed_fingerprint(data.train.corpus),
     )
     summary = fit(cfg, job, training)
     finish_run(cfg.run.dir, summary)
