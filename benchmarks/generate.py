@@ -18,11 +18,13 @@ alternation, --rounds times, so they share the machine's noise, each timed call 
 OpenMP workers spin for a while after a call and would slow whatever runs next); the best round of each is reported.
 Greedy tokens of the two sides are compared (the first position they differ, if any).
 
-int8 sides (--quant): the same fp32 params quantized in memory (jaxfound.quant.int8.quantize, default rules: every
-Dense kernel of the blocks; the tied embedding / LM head stays float), run with model.quant w8 (int8 weights,
-float matmul) or w8a8 (int8 activations too, the native kernel where the CPU has one). llama.cpp (--llama-python: a
-Python with llama-cpp-python, built from source in its own environment; llama.cpp's Python API decodes one sequence
-at a time, so its batch-8 throughput is its batch-1 rate) gets the same prompt tokens and threads.
+int8 sides (--quant): the same fp32 params quantized in memory as `jaxfound quantize` does (quant.int8.quantize,
+default rules: every Dense kernel of the blocks; quantize_tied_embedding: the tied embedding / LM head as one int8
+table with a scale per row), run with model.quant w8 (int8 weights dequantized in XLA, float matmul) or w8a8 (int8
+activations too: generate packs the weights once and the decode and prefill matmuls run the native kernel on them).
+llama.cpp (--llama-python: a Python with llama-cpp-python, built from source in its own environment; llama.cpp's
+Python API decodes one sequence at a time, so its batch-8 throughput is its batch-1 rate) gets the same prompt
+tokens and threads.
 Answer quality: greedy answers (32 new tokens) to 8 fixed factual chat prompts, rendered by the chat template with
 its special tokens as tokens (llama.cpp gets the same token ids), scored by whether the key word is in the answer.
 Writes JSON, prints a table.
@@ -196,6 +198,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python: adds llama.cpp (Q4_1)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate_cpu.json"))
+    ap.add_argument("--note", default="", help="recorded in the JSON, e.g. whether the CPU was shared with other jobs")
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -206,7 +209,7 @@ def main(argv=None) -> dict:
     from jaxfound.generation import warmup
     from jaxfound.interop.hf import from_pretrained
     from jaxfound.models import build_model
-    from jaxfound.quant.int8 import quantize
+    from jaxfound.quant.int8 import quantize, quantize_tied_embedding
 
     torch.set_num_threads(os.cpu_count())
     gguf = smollm2_gguf()
@@ -216,7 +219,8 @@ def main(argv=None) -> dict:
     model, params = from_pretrained(gguf)
     sides = {"jaxfound": (model, params)}
     for mode in args.quant:
-        sides[f"jaxfound {mode}"] = (build_model(dataclasses.replace(model.cfg, quant=mode), "lm"), quantize(params))
+        sides[f"jaxfound {mode}"] = (build_model(dataclasses.replace(model.cfg, quant=mode), "lm"),
+                                     quantize_tied_embedding(quantize(params), "llama"))
     rows = []
     for B in args.batches:
         prompt_ids = prompts(tokenizer, B, args.prompt_tokens)
@@ -260,6 +264,7 @@ def main(argv=None) -> dict:
                  "rounds_decode_tok_s": [x["decode_tok_s"] for x in got["speed"]], "quant": "Q4_1 (the GGUF's own)"}
         quality["llama.cpp Q4_1"] = score_answers(got["answers"])
     report = {"model": gguf.name, "dtype": "float32 (int8 sides: quantized from it)", "threads": os.cpu_count(),
+              "note": args.note, "load_average_at_end": os.getloadavg(),
               "rows": rows, "llama_cpp_batch1": llama, "quality": quality,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                            "jax": __import__("jax").__version__}}

@@ -41,6 +41,7 @@ from jaxfound.generation import (
     advance,
     cache_shardings,
     check_request,
+    decoding_params,
     filter_top_k_top_p,
     param_shardings,
     single_device_mesh,
@@ -255,7 +256,7 @@ class Engine(RequestQueue):
         self.prompt_buckets = power_buckets(min(MIN_PROMPT_BUCKET, self.max_len), self.max_len)
         self.cache_buckets = power_buckets(min(MIN_CACHE_BUCKET, self.max_len), self.max_len)  # cache lengths
         self.slot_buckets = power_buckets(1, slots)  # decode covers the first Nb slots (requests take the lowest)
-        self._params_tree = params
+        self._params_tree = decoding_params(model, params)  # int8 w8a8 weights packed once for the native kernel
         self._compiled: dict = {}
         self._active: list[Request | None] = [None] * slots
 

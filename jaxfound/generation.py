@@ -27,6 +27,7 @@ from jaxfound.config import MeshConfig
 from jaxfound.errors import JaxfoundError
 from jaxfound.models import abstract_params
 from jaxfound.models.cache import CACHE_AXES, cache_shape, init_cache
+from jaxfound.quant.packed import for_decoding
 from jaxfound.sharding import LOGICAL_RULES, activation_sharding, logical_shardings, make_mesh
 
 MIN_PROMPT_BUCKET = 16
@@ -294,6 +295,19 @@ def _consume(rows: list[TextRow], tokens_B: np.ndarray, max_new_tokens: int, sto
 
 
 _PLACED: dict = {}  # id(params) -> (params, shardings, placed): the last params placed, reused while alive
+_DECODING: dict = {}  # id(params) -> (params, mode, their decoding form): int8 weights are packed once, not per call
+
+
+def decoding_params(model, params):
+    """params in the form the decode steps read: int8 w8a8 layers packed once for the native kernel
+    (quant.packed.for_decoding), the last params given kept so repeated calls reuse the packing."""
+    hit = _DECODING.get(id(params))
+    if hit is not None and hit[0] is params and hit[1] == model.cfg.quant:
+        return hit[2]
+    ready = for_decoding(params, model.cfg.quant)
+    _DECODING.clear()
+    _DECODING[id(params)] = (params, model.cfg.quant, ready)
+    return ready
 
 
 def _place(tree, shardings):
@@ -312,6 +326,7 @@ def warmup(model, params, batch: int, prompt_len: int, max_new_tokens: int, *, g
            mesh: Mesh | None = None) -> float:
     """Compile the steps generate will use for this batch size and prompt length; the seconds it took (0 if done)."""
     prompt_bucket, S = shapes(model.cfg, prompt_len, max_new_tokens)
+    params = decoding_params(model, params)
     return compiled_steps(model, params, mesh or single_device_mesh(), batch, prompt_bucket, S, greedy)[3]
 
 
@@ -336,6 +351,7 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
     B, longest = len(prompts_ids), max(len(ids) for ids in prompts_ids)
     prompt_bucket, S = shapes(cfg, longest, max_new_tokens)
     greedy = temperature == 0.0
+    params = decoding_params(model, params)
     prefill, decode, p_shardings, compile_seconds = compiled_steps(model, params, mesh, B, prompt_bucket, S, greedy)
 
     start = time.perf_counter()
@@ -399,5 +415,5 @@ def generate_text(model, params, tokenizer, prompts: list[str], chat: bool = Fal
 
 
 __all__ = ["GenerationResult", "TextRow", "advance", "bucket", "cache_shardings", "check_request", "compiled_steps",
-           "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back", "make_steps",
-           "param_shardings", "sample", "sample_vocab_major", "shapes", "single_device_mesh", "warmup"]
+           "decoding_params", "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back",
+           "make_steps", "param_shardings", "sample", "sample_vocab_major", "shapes", "single_device_mesh", "warmup"]

@@ -5,6 +5,7 @@ float32 SmolLM2's on most tokens."""
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ from jaxfound import runs
 from jaxfound.app.quantize import quantize_run
 from jaxfound.cli import main
 from jaxfound.errors import JaxfoundError
-from jaxfound.generation import generate_text
+from jaxfound.generation import encode_prompts, generate_text
 from jaxfound.models import build_model
-from jaxfound.quant.int8 import quantize
+from jaxfound.quant.int8 import quantize, quantize_tied_embedding
 from tests.test_sft import tiny_llama_dir
 
 torch = pytest.importorskip("torch")
@@ -66,19 +67,44 @@ def test_quantize_cli_reports_held_out_loss_for_a_decoder(tiny_llama, tmp_path, 
 
 
 def test_int8_smollm2_greedy_agrees_with_float32(smollm2_gguf):
-    """Greedy answers of SmolLM2 with w8 weights (quantized in memory, as quantize_run writes them: tested above)
-    vs float32 (the GGUF's weights dequantized), token by token up to the first divergence."""
+    """Greedy answers of SmolLM2 with w8a8 weights and the tied int8 word table (quantized in memory as quantize_run
+    writes them: tested above; packed for the native kernel by generate) vs float32 (the GGUF's weights dequantized),
+    token by token up to the first divergence; where a row diverges, float32 itself was nearly tied there."""
     f = runs.open_run(smollm2_gguf)
-    q_model = build_model(dataclasses.replace(f.config.model, quant="w8"), "lm")
-    q_params = quantize(f.params)
-    prompts = ["What is the capital of France?", "Name three primary colors."]
-    a = generate_text(q_model, q_params, f.tokenizer, prompts, chat=True, max_new_tokens=16)
-    b = generate_text(f.model, f.params, f.tokenizer, prompts, chat=True, max_new_tokens=16)
+    q_model = build_model(dataclasses.replace(f.config.model, quant="w8a8"), "lm")
+    q_params = quantize_tied_embedding(quantize(f.params), "llama")
+    prompts = ["What is the capital of France?", "Name three primary colors.", "What is the capital of Japan?",
+               "Who wrote Romeo and Juliet?"]
+    a = generate_text(q_model, q_params, f.tokenizer, prompts, chat=True, max_new_tokens=12)
+    b = generate_text(f.model, f.params, f.tokenizer, prompts, chat=True, max_new_tokens=12)
     same = total = 0
-    for x, y in zip(a.tokens, b.tokens):
+    diverged = []  # float32's context where an int8 row took another token
+    for ids, x, y in zip(encode_prompts(f.tokenizer, prompts, chat=True), a.tokens, b.tokens):
         n = min(len(x), len(y))
         agree = next((i for i in range(n) if x[i] != y[i]), n)
         same, total = same + agree, total + max(len(y), 1)  # tokens up to the first divergence
-    print(f"w8 vs float32 greedy: {same}/{total} tokens before the first divergence; answers {a.texts} vs {b.texts}")
-    assert a.texts[0].strip() == b.texts[0].strip() == "The capital of France is Paris."
+        diverged += [ids + y[:agree]] if agree < n else []
+    gaps = []
+    if diverged:  # one causal forward pass over the contexts, right-padded: float32's top-2 gap at each one's end
+        width = max(map(len, diverged))
+        logits = np.asarray(jax.jit(f.model.apply)({"params": f.params},
+                                                   jnp.asarray([c + [0] * (width - len(c)) for c in diverged])))
+        top2 = np.sort(logits[np.arange(len(diverged)), [len(c) - 1 for c in diverged]], axis=-1)[:, -2:]
+        gaps = (top2[:, 1] - top2[:, 0]).tolist()
+    print(f"w8a8 + int8 table vs float32 greedy: {same}/{total} tokens before the first divergence; float32 top-2 "
+          f"gaps at divergences {gaps}; answers {a.texts} vs {b.texts}")
     assert same / total >= 0.5
+    assert all(g < 1.0 for g in gaps)  # int8 error flips only near-ties of float32
+
+
+def test_tied_decoder_quantizes_its_table_and_generates_from_the_cli(smollm2_tokenizer, tmp_path, capsys):
+    base, out = tiny_llama_dir(tmp_path / "base", smollm2_tokenizer, hidden=64, intermediate=128), tmp_path / "q"
+    assert main(["quantize", "--checkpoint", str(base), "--mode", "w8a8", "--out", str(out)]) == 0
+    run = runs.open_run(out)
+    word = run.params["llama"]["word"]  # one int8 table, one scale per vocab entry: lookup and LM head
+    assert "lm_head" not in run.params and word["embedding"].dtype == jnp.int8
+    assert word["scale"].shape == (len(smollm2_tokenizer),)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "the river", "--max-new-tokens", "4"]) == 0
+    ref = generate_text(run.model, run.params, run.tokenizer, ["the river"], max_new_tokens=4)
+    assert ref.texts[0].strip() and ref.texts[0] in capsys.readouterr().out

@@ -27,7 +27,7 @@ from jaxfound.errors import JaxfoundError
 from jaxfound.losses import clm_loss
 from jaxfound.models import build_model
 from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE
-from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize
+from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize, quantize_tied_embedding
 from jaxfound.quant.report import size_report
 from jaxfound.sharding import global_batch
 
@@ -155,9 +155,13 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
 
 
 def _quantize_decoder(run, checkpoint: Path, mode: str, out: Path, eval_file, rules, rounds: int) -> dict:
-    """An int8 copy of a decoder (every Dense kernel of the blocks, an untied lm_head too; the tied embedding stays
-    float); with eval_file (text), the held-out next-token loss and forward tokens/s of float and int8."""
+    """An int8 copy of a decoder (every Dense kernel of the blocks; an untied lm_head, or the tied word table as int8
+    rows with one scale per row, which serves both the lookup and the head: int8.quantize_tied_embedding); with
+    eval_file (text), the held-out next-token loss and forward tokens/s of float and int8."""
     qparams = quantize(run.params, rules)
+    cfg = run.config.model
+    if cfg.arch == "gpt" or cfg.tie_embeddings:
+        qparams = quantize_tied_embedding(qparams, cfg.arch)
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
               **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules],
               "metric_name": "next_token_loss", "metric_before": None, "metric_after": None,

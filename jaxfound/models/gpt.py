@@ -93,6 +93,6 @@ class GPT(nn.Module):
             h_BxLxD, cache = decoder(input_ids, attention_mask, segment_ids, deterministic, cache, cache_index)
         else:
             h_BxLxD = decoder(input_ids, attention_mask, segment_ids, deterministic, positions_BxL=positions)
-        out = layers.decoder_head(cfg, self.head, h_BxLxD, decoder.variables["params"]["word"]["embedding"],
+        out = layers.decoder_head(cfg, self.head, h_BxLxD, decoder.variables["params"]["word"],
                                   True, input_ids, attention_mask, masked_positions, vocab_major)
         return out if cache is None else (out, cache)

@@ -1,4 +1,5 @@
-"""int8 quantization: per-channel symmetric weights, weight-only (w8) and dynamic W8A8; checkpoints; size report."""
+"""int8 quantization: per-channel symmetric weights, weight-only (w8) and dynamic W8A8, the tied word table as int8
+rows; weights packed once for the native kernel (decoding); checkpoints; size report."""
 
 from jaxfound.quant.checkpoint import load_quantized, save_quantized
 from jaxfound.quant.int8 import (
@@ -12,12 +13,14 @@ from jaxfound.quant.int8 import (
     quantize_activations,
     quantize_kernel,
     quantize_plan,
+    quantize_tied_embedding,
     quantized_dot,
 )
+from jaxfound.quant.packed import pack_kernel, pack_params, packed_dot
 from jaxfound.quant.report import size_report
 
 __all__ = [
     "DEFAULT_RULES", "MODES", "Rule", "dequantize", "dequantize_kernel", "int8_matmul", "load_quantized",
-    "quantize", "quantize_activations", "quantize_kernel", "quantize_plan", "quantized_dot", "save_quantized",
-    "size_report",
+    "pack_kernel", "pack_params", "packed_dot", "quantize", "quantize_activations", "quantize_kernel", "quantize_plan",
+    "quantize_tied_embedding", "quantized_dot", "save_quantized", "size_report",
 ]

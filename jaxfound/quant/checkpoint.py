@@ -20,7 +20,8 @@ from jaxfound.quant.int8 import MODES
 
 PARAMS_FILE = "params.safetensors"
 META_FILE = "quant.json"
-FORMAT = "jaxfound-int8/1"
+FORMAT = "jaxfound-int8/2"  # /2: a tied word table may be int8 rows + one scale per row (embedding, scale)
+READS = ("jaxfound-int8/1", FORMAT)  # /1 files (int8 Dense kernels only) are /2 files without an int8 table
 
 
 def flatten(tree, prefix="") -> dict[str, np.ndarray]:
@@ -84,8 +85,10 @@ def load_quantized(path) -> tuple[dict, dict]:
         metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise JaxfoundError(f"quantized checkpoint: {meta_file} is not valid JSON ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise JaxfoundError(f"quantized checkpoint: {meta_file} lacks format {FORMAT!r} (not from save_quantized)")
+    if not isinstance(metadata, dict) or metadata.get("format") not in READS:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise JaxfoundError(f"quantized checkpoint: {meta_file} has format {found!r}; this jaxfound reads "
+                            f"{', '.join(READS)} (written by save_quantized)")
     try:
         flat = load_file(str(params_file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -94,5 +97,10 @@ def load_quantized(path) -> tuple[dict, dict]:
         scale = flat.get(key[: -len("kernel")] + "scale")
         if scale is None or flat[key].ndim != 2 or scale.shape != flat[key].shape[1:]:
             raise JaxfoundError(f"quantized checkpoint: {params_file}: int8 {key} has no matching (out,) scale")
+    for key in (k for k, v in flat.items() if k.endswith("embedding") and v.dtype == np.int8):
+        scale = flat.get(key[: -len("embedding")] + "scale")
+        if scale is None or flat[key].ndim != 2 or scale.shape != flat[key].shape[:1]:
+            raise JaxfoundError(f"quantized checkpoint: {params_file}: int8 table {key} has no matching (vocab,) "
+                                "scale (one per row)")
     metadata.pop("format")
     return unflatten(flat), metadata

@@ -1,6 +1,7 @@
 """Per-output-channel symmetric int8 weights; weight-only (w8) and dynamic per-token W8A8 matmuls.
 
-A kernel w (in, out) is stored as q int8 in [-127, 127] and scale float32 (out,) with w ~= q * scale.
+A kernel w (in, out) is stored as q int8 in [-127, 127] and scale float32 (out,) with w ~= q * scale; a tied word
+table (vocab, hidden) as int8 rows with one scale per row (``quantize_tied_embedding`` says how the tie is kept).
 'w8' dequantizes the kernel to the compute dtype and does one float matmul (on CPU this is as fast as
 float32 and faster than scaling the (tokens, out) product: the kernel is smaller than the activations).
 'w8a8' quantizes each token's activations on the fly and multiplies int8 x int8 -> int32 with
@@ -167,12 +168,30 @@ def quantize(params, rules=DEFAULT_RULES):
     return walk(nn.unbox(params), "")
 
 
+def quantize_tied_embedding(params, trunk: str):
+    """params with the tied word table params[trunk]['word']['embedding'] (V, D) as int8 rows + one scale per row.
+
+    How the tie is kept: the table is quantized per row (per vocab entry), which is per output channel of the LM
+    head x @ table.T, so one int8 table and one scale vector serve both the lookup (rows times their scale) and the
+    head (an int8 Dense with kernel q.T and per-output-channel scale); models.layers.Embed / tied_logits read it.
+    """
+    params = nn.unbox(params)
+    word = params.get(trunk, {}).get("word", {})
+    table = word.get("embedding")
+    if getattr(table, "ndim", 0) != 2 or table.dtype == jnp.int8:
+        raise JaxfoundError(f"params: {trunk}/word/embedding is not a float (vocab, hidden) table to quantize")
+    q_DxV, scale_V = quantize_kernel(jnp.asarray(table).T)
+    return {**params, trunk: {**params[trunk], "word": {**word, "embedding": q_DxV.T, "scale": scale_V}}}
+
+
 def dequantize(qparams, dtype=jnp.float32):
     """qparams -> float params: every int8 kernel with a scale becomes a ``dtype`` kernel; 'scale' is dropped."""
     def walk(tree):
         if "scale" in tree and getattr(tree.get("kernel"), "dtype", None) == jnp.int8:
             rest = {k: v for k, v in tree.items() if k not in ("kernel", "scale")}
             return {"kernel": dequantize_kernel(tree["kernel"], tree["scale"], dtype), **rest}
+        if "scale" in tree and getattr(tree.get("embedding"), "dtype", None) == jnp.int8:  # a tied table, per row
+            return {"embedding": dequantize_kernel(tree["embedding"].T, tree["scale"], dtype).T}
         return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
     return walk(nn.unbox(qparams))

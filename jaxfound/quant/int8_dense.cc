@@ -154,10 +154,12 @@ inline void Tile(const uint8_t* a, int64_t lda, const int8_t* b, int64_t KQ, con
 template <int MR>
 inline void TileRows(int nv, const uint8_t* a, int64_t lda, const int8_t* b, int64_t KQ, const int32_t* comp,
                      const float* ws, const float* xs, float* out, int64_t ldo, int64_t cols) {
-  switch (nv) {
-    case 2: return Tile<MR, 2>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
-    default: return Tile<MR, 1>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
+  if constexpr (MR <= 4) {  // 3 or 4 panels only for at most 4 rows (callers keep nv <= 2 above 4 rows)
+    if (nv == 4) return Tile<MR, 4>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
+    if (nv == 3) return Tile<MR, 3>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
   }
+  if (nv == 2) return Tile<MR, 2>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
+  return Tile<MR, 1>(a, lda, b, KQ, comp, ws, xs, out, ldo, cols);
 }
 
 void TileAny(int mr, int nv, const uint8_t* a, int64_t lda, const int8_t* b, int64_t KQ, const int32_t* comp,
@@ -259,6 +261,195 @@ ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> item) {
+  auto work = std::make_shared<Work>();
+  work->total = total;
+  work->item = std::move(item);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
+}
+
+// ---- weights packed once (jaxfound.quant.packed): the panels PackWeights would make, and comp, given as inputs.
+// Small M (decode) is the case this serves: no per-call packing, up to 4 panels per tile when M <= 4, and the
+// columns split over the pool so every core streams its share of the weights.
+
+// Panels per micro-tile for a block of `rows` rows: 4 x 4 and 8 x 2 tiles both hold 16 accumulators.
+inline int PanelsPerTile(int64_t rows) { return rows <= 16 ? 4 : kNV; }
+
+// Rows [m0, m1) x panels [q0, q1): quantize the rows into a thread-local buffer, then every tile.
+void PackedBlock(const Problem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
+  thread_local std::vector<uint8_t> u;
+  thread_local std::vector<float> xs;
+  const int64_t rows = m1 - m0;
+  if (static_cast<int64_t>(u.size()) < rows * p.KP) u.resize(rows * p.KP);
+  if (static_cast<int64_t>(xs.size()) < rows) xs.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) xs[r] = QuantizeRow(p.x + (m0 + r) * p.K, p.K, p.KP, u.data() + r * p.KP);
+  const int nv_max = PanelsPerTile(rows);
+  const int mr_max = rows <= 16 ? 4 : kMR;
+  for (int64_t p0 = q0; p0 < q1; p0 += nv_max) {
+    const int nv = static_cast<int>(std::min<int64_t>(nv_max, q1 - p0));
+    const int64_t n0 = p0 * 16;
+    const int64_t cols = std::min<int64_t>(16 * nv, p.N - n0);
+    for (int64_t r = 0; r < rows; r += mr_max) {
+      const int mr = static_cast<int>(std::min<int64_t>(mr_max, rows - r));
+      TileAny(mr, nv, u.data() + r * p.KP, p.KP, p.packed + p0 * p.KQ * 64, p.KQ, p.comp + n0, p.w_scale + n0,
+              xs.data() + r, p.out + (m0 + r) * p.N + n0, p.N, cols);
+    }
+  }
+}
+
+ffi::Error W8A8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
+                          ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto pd = packed.dimensions();
+  Problem p;
+  p.M = xd.size() == 2 ? xd[0] : 0;
+  p.K = xd.size() == 2 ? xd[1] : 0;
+  p.N = w_scale.element_count();
+  p.KQ = (p.K + 3) / 4;
+  p.KP = p.KQ * 4;
+  p.NP = (p.N + 15) / 16;
+  if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+    return ffi::Error::InvalidArgument(
+        "jaxfound_w8a8_packed: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 (16*ceil(N/16),), "
+        "w_scale (N,)");
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  p.x = x.typed_data();
+  p.packed = packed.typed_data();
+  p.comp = comp.typed_data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  const int64_t tw = PanelsPerTile(std::min(p.M, kRowBlock));
+  const int64_t tiles = (p.NP + tw - 1) / tw;
+  // a few column chunks per thread when the rows are few (one slow thread then delays the call less)
+  const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, tiles);
+  ParallelFor(pool, row_blocks * col_chunks, [&](int64_t i) {
+    const int64_t rb = i / col_chunks, cc = i % col_chunks;
+    const int64_t q0 = tiles * cc / col_chunks * tw, q1 = std::min(p.NP, tiles * (cc + 1) / col_chunks * tw);
+    PackedBlock(p, rb * kRowBlock, std::min(p.M, (rb + 1) * kRowBlock), q0, q1);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- weight-only (w8) on the same panels: float activations, int8 weights converted to float in registers.
+//   out[m, n] = (sum_k x[m, k] * float(qw[k, n])) * w_scale[n]
+// A 64-byte panel vector (16 columns x 4 k) becomes 4 float vectors of 4 columns x 4 k; the row's 4 x broadcast to
+// every 128-bit lane multiplies them, so each accumulator holds 4 partial sums per column, added at the end.
+
+constexpr int kW8MR = 4;  // rows per tile: 4 x 4 accumulators + 4 weight vectors + 1 row
+
+// lanes 4c..4c+3 of v summed, for c = 0..3
+inline __m128 SumQuads(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                         0, 0), v));
+}
+
+template <int MR>
+inline void W8Tile(const float* a, int64_t lda, const int8_t* b, int64_t KQ, const float* w_scale, float* out,
+                   int64_t ldo, int64_t cols) {
+  static_assert(MR >= 1 && MR <= kW8MR, "tile is 1..4 rows x 16 columns");
+#define JF_W8ACC(i) __m512 f##i##0, f##i##1, f##i##2, f##i##3;                          \
+  f##i##0 = f##i##1 = f##i##2 = f##i##3 = _mm512_setzero_ps();
+  JF_W8ACC(0) JF_W8ACC(1) JF_W8ACC(2) JF_W8ACC(3)
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const int8_t* bk = b + kq * 64;
+#define JF_W8LOAD(j) \
+    const __m512 w##j = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 16 * j))));
+    JF_W8LOAD(0) JF_W8LOAD(1) JF_W8LOAD(2) JF_W8LOAD(3)
+#define JF_W8ROW(i)                                                                     \
+    if constexpr (MR > i) {                                                             \
+      const __m512 xv = _mm512_broadcast_f32x4(_mm_loadu_ps(a + i * lda + kq * 4));     \
+      f##i##0 = _mm512_fmadd_ps(w0, xv, f##i##0);                                       \
+      f##i##1 = _mm512_fmadd_ps(w1, xv, f##i##1);                                       \
+      f##i##2 = _mm512_fmadd_ps(w2, xv, f##i##2);                                       \
+      f##i##3 = _mm512_fmadd_ps(w3, xv, f##i##3);                                       \
+    }
+    JF_W8ROW(0) JF_W8ROW(1) JF_W8ROW(2) JF_W8ROW(3)
+  }
+  const __mmask16 mask = TailMask(cols);
+  const __m512 ws = _mm512_maskz_loadu_ps(mask, w_scale);
+#define JF_W8STORE(i)                                                                                   \
+  if constexpr (MR > i) {                                                                               \
+    __m512 sum = _mm512_castps128_ps512(SumQuads(f##i##0));                                             \
+    sum = _mm512_insertf32x4(sum, SumQuads(f##i##1), 1);                                                \
+    sum = _mm512_insertf32x4(sum, SumQuads(f##i##2), 2);                                                \
+    sum = _mm512_insertf32x4(sum, SumQuads(f##i##3), 3);                                                \
+    _mm512_mask_storeu_ps(out + i * ldo, mask, _mm512_mul_ps(sum, ws));                                 \
+  }
+  JF_W8STORE(0) JF_W8STORE(1) JF_W8STORE(2) JF_W8STORE(3)
+#undef JF_W8ACC
+#undef JF_W8LOAD
+#undef JF_W8ROW
+#undef JF_W8STORE
+}
+
+// Rows [m0, m1) x panels [q0, q1): copy the rows zero padded to KQ * 4 floats, then every tile.
+void W8Block(const Problem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
+  thread_local std::vector<float> a;
+  const int64_t rows = m1 - m0;
+  if (static_cast<int64_t>(a.size()) < rows * p.KP) a.resize(rows * p.KP);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(a.data() + r * p.KP, p.x + (m0 + r) * p.K, p.K * sizeof(float));
+    std::fill(a.data() + r * p.KP + p.K, a.data() + (r + 1) * p.KP, 0.0f);
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n0 = q * 16;
+    const int64_t cols = std::min<int64_t>(16, p.N - n0);
+    for (int64_t r = 0; r < rows; r += kW8MR) {
+      const float* ar = a.data() + r * p.KP;
+      const int8_t* bq = p.packed + q * p.KQ * 64;
+      float* o = p.out + (m0 + r) * p.N + n0;
+      switch (std::min<int64_t>(kW8MR, rows - r)) {
+        case 4: W8Tile<4>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols); break;
+        case 3: W8Tile<3>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols); break;
+        case 2: W8Tile<2>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols); break;
+        default: W8Tile<1>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols);
+      }
+    }
+  }
+}
+
+ffi::Error W8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
+                        ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto pd = packed.dimensions();
+  Problem p;
+  p.M = xd.size() == 2 ? xd[0] : 0;
+  p.K = xd.size() == 2 ? xd[1] : 0;
+  p.N = w_scale.element_count();
+  p.KQ = (p.K + 3) / 4;
+  p.KP = p.KQ * 4;
+  p.NP = (p.N + 15) / 16;
+  if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+    return ffi::Error::InvalidArgument(
+        "jaxfound_w8_packed: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 (16*ceil(N/16),), "
+        "w_scale (N,)");
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  p.x = x.typed_data();
+  p.packed = packed.typed_data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, p.NP);
+  ParallelFor(pool, row_blocks * col_chunks, [&](int64_t i) {
+    const int64_t rb = i / col_chunks, cc = i % col_chunks;
+    W8Block(p, rb * kRowBlock, std::min(p.M, (rb + 1) * kRowBlock), p.NP * cc / col_chunks,
+            p.NP * (cc + 1) / col_chunks);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8Dense, W8A8DenseImpl,
@@ -266,5 +457,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8Dense, W8A8DenseImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8Packed, W8A8PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8Packed, W8PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

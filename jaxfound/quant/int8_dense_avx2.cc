@@ -261,6 +261,230 @@ ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// ---- weights packed once (jaxfound.quant.packed): int8 panels [NP][KQ4][16][4], the layout of the AVX-512 path,
+// so one packed tree serves both. Each 16-byte quarter (4 columns x 4 k) is sign-extended to int16 in registers and
+// multiplied with vpmaddwd by the row's 4 k broadcast, giving 2 partial sums per column that are added at the end.
+// Weights stay int8 in memory: decode (small M) reads a quarter of the bytes of float32 weights.
+
+constexpr int kPackedMR = 3;  // rows per tile: 3 x 4 accumulators + 3 broadcast rows + 1 weight quarter = 16 ymm
+
+template <int MR>
+inline void PackedTile(const int16_t* a, int64_t lda, const int8_t* b, int64_t KQ, const float* w_scale,
+                       const float* x_scale, float* out, int64_t ldo, int64_t cols) {
+  static_assert(MR >= 1 && MR <= kPackedMR, "tile is 1..3 rows x 16 columns");
+#define JF_ACC(i) __m256i c##i##0, c##i##1, c##i##2, c##i##3;                                  \
+  c##i##0 = c##i##1 = c##i##2 = c##i##3 = _mm256_setzero_si256();
+  JF_ACC(0) JF_ACC(1) JF_ACC(2)
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    __m256i x0, x1, x2;
+    int64_t quad;
+    std::memcpy(&quad, a + kq * 4, 8);
+    x0 = _mm256_set1_epi64x(quad);
+    if constexpr (MR > 1) { std::memcpy(&quad, a + lda + kq * 4, 8); x1 = _mm256_set1_epi64x(quad); }
+    if constexpr (MR > 2) { std::memcpy(&quad, a + 2 * lda + kq * 4, 8); x2 = _mm256_set1_epi64x(quad); }
+    const int8_t* bk = b + kq * 64;
+#define JF_QUARTER(j)                                                                               \
+    {                                                                                               \
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bk + 16 * j))); \
+      c0##j = _mm256_add_epi32(c0##j, _mm256_madd_epi16(w, x0));                                    \
+      if constexpr (MR > 1) c1##j = _mm256_add_epi32(c1##j, _mm256_madd_epi16(w, x1));              \
+      if constexpr (MR > 2) c2##j = _mm256_add_epi32(c2##j, _mm256_madd_epi16(w, x2));              \
+    }
+    JF_QUARTER(0) JF_QUARTER(1) JF_QUARTER(2) JF_QUARTER(3)
+  }
+  // quarters hold (k0k1, k2k3) per column: hadd gives [c0 c1 c4 c5 | c2 c3 c6 c7]; permute restores column order
+#define JF_PSTORE(i, lo, hi, j)                                                                          \
+  {                                                                                                      \
+    const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##i##lo, c##i##hi), 0xD8);           \
+    const __m256i mask = TailMask(cols - 8 * j);                                                         \
+    const __m256 s = _mm256_mul_ps(_mm256_set1_ps(x_scale[i]), _mm256_maskload_ps(w_scale + 8 * j, mask)); \
+    _mm256_maskstore_ps(out + i * ldo + 8 * j, mask, _mm256_mul_ps(_mm256_cvtepi32_ps(sum), s));          \
+  }
+#define JF_PROW(i)                                                                      \
+  if constexpr (MR > i) {                                                               \
+    JF_PSTORE(i, 0, 1, 0)                                                               \
+    if (cols > 8) JF_PSTORE(i, 2, 3, 1)                                                 \
+  }
+  JF_PROW(0) JF_PROW(1) JF_PROW(2)
+#undef JF_ACC
+#undef JF_QUARTER
+#undef JF_PSTORE
+#undef JF_PROW
+}
+
+void PackedTileAny(int mr, const int16_t* a, int64_t lda, const int8_t* b, int64_t KQ, const float* ws,
+                   const float* xs, float* out, int64_t ldo, int64_t cols) {
+  static_assert(kPackedMR == 3, "PackedTileAny instantiates 1..3 rows");
+  if (mr == 3) return PackedTile<3>(a, lda, b, KQ, ws, xs, out, ldo, cols);
+  if (mr == 2) return PackedTile<2>(a, lda, b, KQ, ws, xs, out, ldo, cols);
+  return PackedTile<1>(a, lda, b, KQ, ws, xs, out, ldo, cols);
+}
+
+struct PackedProblem {
+  const float* x;
+  const int8_t* packed;
+  const float* w_scale;
+  float* out;
+  int64_t M, K, N, KP, KQ, NP;
+};
+
+// Rows [m0, m1) x panels [q0, q1): quantize the rows (int16, K padded to KQ * 4), then every tile.
+void PackedBlock(const PackedProblem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
+  thread_local std::vector<int16_t> a;
+  thread_local std::vector<float> xs;
+  const int64_t rows = m1 - m0;
+  if (static_cast<int64_t>(a.size()) < rows * p.KP) a.resize(rows * p.KP);
+  if (static_cast<int64_t>(xs.size()) < rows) xs.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) xs[r] = QuantizeRow(p.x + (m0 + r) * p.K, p.K, p.KP, a.data() + r * p.KP);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n0 = q * 16;
+    const int64_t cols = std::min<int64_t>(16, p.N - n0);
+    for (int64_t r = 0; r < rows; r += kPackedMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kPackedMR, rows - r));
+      PackedTileAny(mr, a.data() + r * p.KP, p.KP, p.packed + q * p.KQ * 64, p.KQ, p.w_scale + n0, xs.data() + r,
+                    p.out + (m0 + r) * p.N + n0, p.N, cols);
+    }
+  }
+}
+
+ffi::Error W8A8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
+                          ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto pd = packed.dimensions();
+  PackedProblem p;
+  p.M = xd.size() == 2 ? xd[0] : 0;
+  p.K = xd.size() == 2 ? xd[1] : 0;
+  p.N = w_scale.element_count();
+  p.KQ = (p.K + 3) / 4;
+  p.KP = p.KQ * 4;
+  p.NP = (p.N + 15) / 16;
+  // comp (128 x column sums) is for the AVX-512 path's unsigned activations; this path does not need it
+  if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+    return ffi::Error::InvalidArgument(
+        "jaxfound_w8a8_packed_avx2: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 "
+        "(16*ceil(N/16),), w_scale (N,)");
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  p.x = x.typed_data();
+  p.packed = packed.typed_data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, p.NP);
+  ParallelFor(pool, row_blocks * col_chunks, [&](int64_t i) {
+    const int64_t rb = i / col_chunks, cc = i % col_chunks;
+    PackedBlock(p, rb * kRowBlock, std::min(p.M, (rb + 1) * kRowBlock), p.NP * cc / col_chunks,
+                p.NP * (cc + 1) / col_chunks);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- weight-only (w8) on the same panels: float activations, int8 weights converted to float in registers.
+//   out[m, n] = (sum_k x[m, k] * float(qw[k, n])) * w_scale[n]
+// Half a panel (8 columns) at a time: 8 bytes (2 columns x 4 k) become a float vector multiplied by the row's 4 x
+// broadcast to both 128-bit lanes, so each accumulator holds 4 partial sums for 2 columns, added at the end.
+
+constexpr int kW8MR = 2;  // rows per tile: 2 x 4 accumulators + 4 weight vectors + 1 row of the 16 ymm
+
+template <int MR>
+inline void W8Tile(const float* a, int64_t lda, const int8_t* b, int64_t KQ, const float* w_scale, float* out,
+                   int64_t ldo, int64_t cols) {
+  static_assert(MR >= 1 && MR <= kW8MR, "tile is 1..2 rows x 8 columns");
+  __m256 f00 = _mm256_setzero_ps(), f01 = f00, f02 = f00, f03 = f00, f10 = f00, f11 = f00, f12 = f00, f13 = f00;
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const int8_t* bk = b + kq * 64;
+#define JF_W8LOAD(j) \
+    const __m256 w##j = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bk + 8 * j))));
+    JF_W8LOAD(0) JF_W8LOAD(1) JF_W8LOAD(2) JF_W8LOAD(3)
+    const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a + kq * 4));
+    f00 = _mm256_fmadd_ps(w0, x0, f00);
+    f01 = _mm256_fmadd_ps(w1, x0, f01);
+    f02 = _mm256_fmadd_ps(w2, x0, f02);
+    f03 = _mm256_fmadd_ps(w3, x0, f03);
+    if constexpr (MR > 1) {
+      const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a + lda + kq * 4));
+      f10 = _mm256_fmadd_ps(w0, x1, f10);
+      f11 = _mm256_fmadd_ps(w1, x1, f11);
+      f12 = _mm256_fmadd_ps(w2, x1, f12);
+      f13 = _mm256_fmadd_ps(w3, x1, f13);
+    }
+  }
+  // hadd twice: [c0 c2 c4 c6 | c1 c3 c5 c7]; the permute restores column order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i mask = TailMask(cols);
+  const __m256 ws = _mm256_maskload_ps(w_scale, mask);
+  const __m256 s0 = _mm256_permutevar8x32_ps(
+      _mm256_hadd_ps(_mm256_hadd_ps(f00, f01), _mm256_hadd_ps(f02, f03)), order);
+  _mm256_maskstore_ps(out, mask, _mm256_mul_ps(s0, ws));
+  if constexpr (MR > 1) {
+    const __m256 s1 = _mm256_permutevar8x32_ps(
+        _mm256_hadd_ps(_mm256_hadd_ps(f10, f11), _mm256_hadd_ps(f12, f13)), order);
+    _mm256_maskstore_ps(out + ldo, mask, _mm256_mul_ps(s1, ws));
+  }
+#undef JF_W8LOAD
+}
+
+// Rows [m0, m1) x panels [q0, q1): copy the rows zero padded to KQ * 4 floats, then every half-panel tile.
+void W8Block(const PackedProblem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
+  thread_local std::vector<float> a;
+  const int64_t rows = m1 - m0;
+  if (static_cast<int64_t>(a.size()) < rows * p.KP) a.resize(rows * p.KP);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(a.data() + r * p.KP, p.x + (m0 + r) * p.K, p.K * sizeof(float));
+    std::fill(a.data() + r * p.KP + p.K, a.data() + (r + 1) * p.KP, 0.0f);
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t n0 = q * 16 + 8 * half;
+      const int64_t cols = std::min<int64_t>(8, p.N - n0);
+      if (cols <= 0) break;
+      for (int64_t r = 0; r < rows; r += kW8MR) {
+        const float* ar = a.data() + r * p.KP;
+        const int8_t* bq = p.packed + q * p.KQ * 64 + 32 * half;
+        float* o = p.out + (m0 + r) * p.N + n0;
+        if (rows - r >= 2) {
+          W8Tile<2>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols);
+        } else {
+          W8Tile<1>(ar, p.KP, bq, p.KQ, p.w_scale + n0, o, p.N, cols);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error W8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
+                        ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto pd = packed.dimensions();
+  PackedProblem p;
+  p.M = xd.size() == 2 ? xd[0] : 0;
+  p.K = xd.size() == 2 ? xd[1] : 0;
+  p.N = w_scale.element_count();
+  p.KQ = (p.K + 3) / 4;
+  p.KP = p.KQ * 4;
+  p.NP = (p.N + 15) / 16;
+  if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+    return ffi::Error::InvalidArgument(
+        "jaxfound_w8_packed_avx2: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 "
+        "(16*ceil(N/16),), w_scale (N,)");
+  }
+  if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+  p.x = x.typed_data();
+  p.packed = packed.typed_data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
+  const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, p.NP);
+  ParallelFor(pool, row_blocks * col_chunks, [&](int64_t i) {
+    const int64_t rb = i / col_chunks, cc = i % col_chunks;
+    W8Block(p, rb * kRowBlock, std::min(p.M, (rb + 1) * kRowBlock), p.NP * cc / col_chunks,
+            p.NP * (cc + 1) / col_chunks);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8DenseAvx2, W8A8DenseImpl,
@@ -268,5 +492,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8DenseAvx2, W8A8DenseImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8A8PackedAvx2, W8A8PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfoundW8PackedAvx2, W8PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

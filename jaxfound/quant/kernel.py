@@ -8,6 +8,9 @@ tests/test_quant_kernel.py checks each against an integer reference and against 
   avx512_vnni  ``int8_dense.cc``: vpdpbusd, for CPUs with avx512f/bw/vl/dq and avx512_vnni.
   avx2         ``int8_dense_avx2.cc``: vpmaddwd on int16, for CPUs with avx2 and fma.
 
+Each path also serves weights packed once (``quant.packed``: no per-call packing, a small-M tiling for decode steps,
+the columns split over the pool), as w8a8 and as weight-only w8 (int8 converted to float in registers).
+
 The path is chosen at run time from /proc/cpuinfo: the first path of ``DEFAULT_ORDER`` the CPU supports,
 unless ``NOT_DEFAULT`` holds it back (with the measured reason). $JAXFOUND_INT8_KERNEL overrides the
 choice: ``0`` keeps w8a8 on XLA ops, ``avx512_vnni`` or ``avx2`` asks for that path (e.g. to run the AVX2
@@ -56,6 +59,10 @@ class KernelPath:
     cpu_flags: tuple[str, ...]
     target: str  # the XLA FFI target it is registered as
     symbol: str  # the handler symbol in the shared library
+    packed_target: str  # the same for weights packed once (quant.packed), w8a8
+    packed_symbol: str
+    w8_target: str  # weight-only (w8: float activations) on packed weights
+    w8_symbol: str
 
 
 _HERE = Path(__file__).parent
@@ -63,10 +70,12 @@ PATHS = {
     "avx512_vnni": KernelPath(
         "avx512_vnni", _HERE / "int8_dense.cc",
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
-        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), "jaxfound_w8a8_dense", "JaxfoundW8A8Dense"),
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), "jaxfound_w8a8_dense", "JaxfoundW8A8Dense",
+        "jaxfound_w8a8_packed", "JaxfoundW8A8Packed", "jaxfound_w8_packed", "JaxfoundW8Packed"),
     "avx2": KernelPath(
         "avx2", _HERE / "int8_dense_avx2.cc", ("-mavx2", "-mfma"), ("avx2", "fma"),
-        "jaxfound_w8a8_dense_avx2", "JaxfoundW8A8DenseAvx2"),
+        "jaxfound_w8a8_dense_avx2", "JaxfoundW8A8DenseAvx2", "jaxfound_w8a8_packed_avx2", "JaxfoundW8A8PackedAvx2",
+        "jaxfound_w8_packed_avx2", "JaxfoundW8PackedAvx2"),
 }
 DEFAULT_ORDER = ("avx512_vnni", "avx2")
 # Paths that w8a8 does not use unless $JAXFOUND_INT8_KERNEL names them, with the measured reason. None now:
@@ -153,12 +162,25 @@ def build(name: str) -> Path:
     return lib
 
 
-@functools.cache
 def load(name: str):
     """Build and register path ``name`` with XLA:CPU; returns its dense(x (..., I), q (I, O), scale (O,)).
 
     Raises RuntimeError (saying why) where this machine cannot run it. Does not change what w8a8 uses.
     """
+    return _register(name)[0]
+
+
+def load_packed(name: str, mode: str = "w8a8"):
+    """As ``load``, the path's dense on weights packed once: (x (..., I), packed, comp, scale (O,)) (quant.packed);
+    mode 'w8a8' (per-token int8 activations) or 'w8' (float activations, int8 weights converted in registers)."""
+    if mode not in ("w8a8", "w8"):
+        raise JaxfoundError(f"unknown packed kernel mode {mode!r} (known: w8a8, w8)")
+    return _register(name)[1 if mode == "w8a8" else 2]
+
+
+@functools.cache
+def _register(name: str):
+    """(dense, packed w8a8 dense, packed w8 dense) of path ``name``, built and registered once per process."""
     if name not in PATHS:
         raise JaxfoundError(f"unknown int8 kernel path {name!r} (known: {', '.join(PATHS)})")
     reason = why_unsupported(name)
@@ -167,10 +189,12 @@ def load(name: str):
     kp = PATHS[name]
     try:
         lib = ctypes.cdll.LoadLibrary(str(build(name)))
-        jax.ffi.register_ffi_target(kp.target, jax.ffi.pycapsule(getattr(lib, kp.symbol)), platform="cpu")
+        for target, symbol in ((kp.target, kp.symbol), (kp.packed_target, kp.packed_symbol),
+                               (kp.w8_target, kp.w8_symbol)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"could not build or load the {name} int8 kernel: {e}") from e
-    return _dense_call(kp.target)
+    return _dense_call(kp.target), _packed_call(kp.packed_target), _packed_call(kp.w8_target)
 
 
 @functools.cache
@@ -198,6 +222,44 @@ def w8a8_dense(x_NxI, q_IxO, scale_O):
     if name is None:
         raise RuntimeError(f"no native int8 kernel here ({choose()[1]}); use int8.w8a8_dot_xla")
     return load(name)(x_NxI, q_IxO, scale_O)
+
+
+def w8a8_packed(x_NxI, packed, comp, scale_O):
+    """``w8a8_dense`` on weights packed once (quant.packed.pack_kernel); CPU only, ``available()`` must be True."""
+    name = path()
+    if name is None:
+        raise RuntimeError(f"no native int8 kernel here ({choose()[1]}); use quant.packed.packed_dot_xla")
+    return load_packed(name)(x_NxI, packed, comp, scale_O)
+
+
+def w8_packed(x_NxI, packed, comp, scale_O):
+    """Weight-only int8 (float activations) on packed weights; CPU only, ``available()`` must be True."""
+    name = path()
+    if name is None:
+        raise RuntimeError(f"no native int8 kernel here ({choose()[1]}); use quant.packed.packed_dot_xla")
+    return load_packed(name, "w8")(x_NxI, packed, comp, scale_O)
+
+
+def _packed_call(target: str):
+    """The FFI call of ``target`` on packed weights, x's leading axes folded into rows (one call per batch)."""
+
+    @jax.custom_batching.custom_vmap
+    def dense(x_NxI, packed, comp, scale_O):
+        lead = x_NxI.shape[:-1]
+        x2d = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(jnp.float32)
+        out_type = jax.ShapeDtypeStruct((x2d.shape[0], scale_O.shape[0]), jnp.float32)
+        y = jax.ffi.ffi_call(target, out_type)(x2d, packed, comp, scale_O.astype(jnp.float32))
+        return y.reshape(*lead, scale_O.shape[0])
+
+    @dense.def_vmap
+    def _vmap(axis_size, in_batched, x, packed, comp, scale):
+        if not any(in_batched[1:]):
+            return dense(x, packed, comp, scale), True
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                     for a, b in zip((x, packed, comp, scale), in_batched))
+        return jax.lax.map(lambda one: dense(*one), args), True
+
+    return dense
 
 
 def _dense_call(target: str):

@@ -12,11 +12,13 @@ def _nbytes(x) -> int:
 
 
 def size_report(params, qparams) -> dict:
-    """Bytes before / after for the whole tree and for the quantized Dense layers (kernel -> int8 kernel + scale)."""
+    """Bytes before / after for the whole tree and for the quantized layers (Dense kernel -> int8 kernel + scale; a
+    tied word table -> int8 rows + scale)."""
     before, after = flatten(params), flatten(qparams)
     quantized = [p[: -len("/scale")] for p in after if p.endswith("/scale") and p not in before]
-    q_before = sum(_nbytes(before[f"{p}/kernel"]) for p in quantized)
-    q_after = sum(_nbytes(after[f"{p}/kernel"]) + _nbytes(after[f"{p}/scale"]) for p in quantized)
+    weight = {p: f"{p}/kernel" if f"{p}/kernel" in after else f"{p}/embedding" for p in quantized}
+    q_before = sum(_nbytes(before[weight[p]]) for p in quantized)
+    q_after = sum(_nbytes(after[weight[p]]) + _nbytes(after[f"{p}/scale"]) for p in quantized)
     total_before = sum(_nbytes(v) for v in before.values())
     total_after = sum(_nbytes(v) for v in after.values())
     return {

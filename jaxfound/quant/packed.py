@@ -1,0 +1,119 @@
+"""int8 weights packed once into the native kernel's panel layout, for decoding (small M) without per-call packing.
+
+A quantized Dense {kernel q (I, O) int8, scale (O,)} becomes {packed, comp, scale}:
+
+  packed_PxQ  int8 (ceil(O / 16), ceil(I / 4) * 64): panel p, k-quad j, column c, k r at
+              packed[p, 64 j + 4 c + r] = q[4 j + r, 16 p + c] (zero padded), one 64-byte vector per (panel, k-quad)
+  comp_O16    int32 (16 * ceil(O / 16),): 128 * column sums of q, the correction of the AVX-512 path's unsigned
+              activations (the AVX2 path reads the same panels and ignores it)
+
+Both native paths (quant.kernel: avx512_vnni, avx2) read this one layout, so it is made once per process when a
+quantized decoder is prepared for generation (``pack_params``), never per call; checkpoints keep the plain (I, O)
+kernels. ``packed_dot`` is the Dense on it, w8a8 or w8 (weight-only: int8 converted to float in registers): the
+native kernel on CPU, else XLA ops on the unpacked kernel.
+
+The tied word embedding / LM head: ``int8.quantize_tied_embedding`` stores one int8 table q (V, D) with one scale
+per row (vocab entry). The LM head is x @ q.T with per-output-channel scale = that row scale, so packing q.T gives the
+head's panels, and the embedding lookup gathers its rows back out of the same panels (``packed_rows``): one int8
+table serves both, as the float tie shares one float table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxfound.quant import kernel
+from jaxfound.quant.int8 import MODES, dequantize_kernel, w8a8_dot_xla
+
+PANEL = 16  # output columns per panel
+QUAD = 4  # k per 4-byte group
+
+
+def pack_kernel(q_IxO) -> tuple[np.ndarray, np.ndarray]:
+    """(packed, comp) of an int8 kernel q (I, O); see the module docstring for the layout."""
+    q = np.asarray(q_IxO)
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise ValueError(f"pack_kernel takes an int8 (in, out) kernel, got {q.dtype} {q.shape}")
+    K, N = q.shape
+    KQ, NP = -(-K // QUAD), -(-N // PANEL)
+    padded = np.zeros((KQ * QUAD, NP * PANEL), np.int8)
+    padded[:K, :N] = q
+    packed = padded.reshape(KQ, QUAD, NP, PANEL).transpose(2, 0, 3, 1).reshape(NP, KQ * QUAD * PANEL)
+    comp = 128 * padded.astype(np.int32).sum(axis=0)
+    return np.ascontiguousarray(packed), comp.astype(np.int32)
+
+
+def unpack_kernel(packed_PxQ, K: int, N: int):
+    """The int8 kernel (K, N) back from its panels (jnp: XLA ops, for the non-CPU path and tests)."""
+    NP, width = packed_PxQ.shape
+    KQ = width // (QUAD * PANEL)
+    q = jnp.asarray(packed_PxQ).reshape(NP, KQ, PANEL, QUAD).transpose(1, 3, 0, 2).reshape(KQ * QUAD, NP * PANEL)
+    return q[:K, :N]
+
+
+def packed_rows(packed_PxQ, ids, K: int):
+    """Columns ``ids`` of the packed kernel as rows (..., K) int8: the tied table's rows for the embedding lookup."""
+    NP, width = packed_PxQ.shape
+    KQ = width // (QUAD * PANEL)
+    panels = jnp.asarray(packed_PxQ).reshape(NP, KQ, PANEL, QUAD)
+    rows = panels[ids // PANEL, :, ids % PANEL, :]  # advanced indices around a slice: (*ids.shape, KQ, QUAD)
+    return rows.reshape(*ids.shape, KQ * QUAD)[..., :K]
+
+
+def packed_dot_xla(x_NxI, packed, comp, scale_O, mode: str = "w8a8"):
+    """``packed_dot`` with XLA ops: unpack, then int8.w8a8_dot_xla or a float dot (w8); comp is implied."""
+    del comp
+    q_IxO = unpack_kernel(packed, x_NxI.shape[-1], scale_O.shape[0])
+    if mode == "w8":
+        return jnp.dot(x_NxI.astype(jnp.float32), dequantize_kernel(q_IxO, scale_O), preferred_element_type=jnp.float32)
+    return w8a8_dot_xla(x_NxI, q_IxO, scale_O)
+
+
+def packed_dot(x_NxI, packed, comp, scale_O, mode: str = "w8a8"):
+    """x (..., I) @ dequant(packed) in float32 (..., O): w8a8 (per-token int8 activations) or w8 (float32
+    activations; the int8 weights become float in registers, never a float copy in memory)."""
+    if mode not in MODES:
+        raise ValueError(f"packed_dot: mode {mode!r}; allowed {', '.join(MODES)}")
+    if kernel.available():
+        native = kernel.w8_packed if mode == "w8" else kernel.w8a8_packed
+        return lax.platform_dependent(x_NxI, packed, comp, scale_O, cpu=native,
+                                      default=lambda *a: packed_dot_xla(*a, mode=mode))
+    return packed_dot_xla(x_NxI, packed, comp, scale_O, mode)
+
+
+def is_packed(node) -> bool:
+    return isinstance(node, dict) and "packed" in node and "comp" in node
+
+
+def _packable(node, key: str) -> bool:
+    leaf = node.get(key)
+    return "scale" in node and getattr(leaf, "dtype", None) == np.int8 and getattr(leaf, "ndim", 0) == 2
+
+
+def pack_params(qparams) -> dict:
+    """qparams with every int8 Dense kernel (and an int8 tied embedding table) packed: {packed, comp, scale, ...}.
+
+    Float layers and everything else are returned as they are. Pure; numpy work, done once per params tree.
+    """
+    def walk(tree):
+        if _packable(tree, "kernel"):
+            packed, comp = pack_kernel(tree["kernel"])
+            rest = {k: v for k, v in tree.items() if k != "kernel"}
+            return {"packed": packed, "comp": comp, **rest}
+        if _packable(tree, "embedding"):  # the tied table (V, D): the LM head's kernel is its transpose
+            packed, comp = pack_kernel(np.asarray(tree["embedding"]).T)
+            return {"packed": packed, "comp": comp, "scale": tree["scale"]}
+        return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    return walk(qparams)
+
+
+def for_decoding(params, mode: str):
+    """params as a decode step of a model with quant ``mode`` should read them: packed (``pack_params``) for w8 and
+    w8a8 where the native kernel runs (CPU backend, quant.kernel.available()), else unchanged."""
+    if mode in MODES and jax.default_backend() == "cpu" and kernel.available():
+        return pack_params(params)
+    return params
