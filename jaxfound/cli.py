@@ -19,6 +19,8 @@ from jaxfound.app import compile as aot
 from jaxfound.config import CONFIG_DIR, load_config
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
+from jaxfound.fusion.plan import METHODS as PLAN_METHODS
+from jaxfound.fusion.refit import RefitConfig
 from jaxfound.quant.kernel import cache_dir
 
 VERBS = {}  # name -> (function of the parsed args, help, argument specs)
@@ -193,31 +195,64 @@ def _quantize(args):
                                                       rounds=args.rounds)))
 
 
-@verb("merge", "fuse models: a plan from the knowledge graph (--target-task) or a mergekit-style YAML (--recipe)",
+@verb("merge", "fuse models: a plan from the knowledge graph (--target-task) or a mergekit-style YAML (--recipe); "
+      "optionally searched (--search), heads re-fitted (--refit-heads), gated (--gate)",
       arg("--target-task", default=None, help="task vertex of the registry graph, e.g. conll2003/ner"),
       arg("--registry", default=None, help="registry directory holding graph.json"),
-      arg("--method", default="auto", choices=["auto", "greedy_soup", "average", "task_arithmetic", "ties", "dare"]),
+      arg("--method", default="auto", choices=list(PLAN_METHODS)),
       arg("--recipe", default=None, help="mergekit-style YAML (models, merge_method, base_model, parameters)"),
       arg("--out", default=None, help="output dir (plan mode default: REGISTRY/merged/NAME)"),
       arg("--hf", action="store_true", help="recipe mode: write a transformers directory"),
       arg("--name", default=None, help="name of the fused model in the graph"),
-      arg("--force", action="store_true", help="register the fused model even if worse than its best parent"),
+      arg("--force", action="store_true", help="register the fused model even if it fails the gate"),
+      arg("--gate", type=float, default=0.95, help="register only if the merge keeps >= this fraction of every "
+          "parent's validation score on each task (default 0.95)"),
+      arg("--search", action="store_true", help="search the coefficients on validation (grid, then an evolution "
+          "strategy; objective: the worst task's retention); the log goes to OUT/search_log.jsonl"),
+      arg("--budget", type=int, default=None, help="--search: objective evaluations at most (default 12)"),
+      arg("--refit-heads", action="store_true", help="re-fit each task's head on the merged trunk (a linear probe "
+          "on cached features of the task's data.train; the epoch best on valid is kept); recorded in the graph"),
+      arg("--refit-lr", type=float, default=1e-2, help="--refit-heads: peak AdamW learning rate"),
+      arg("--refit-epochs", type=int, default=2, help="--refit-heads: passes over the training tokens"),
       arg("--density", type=float, default=0.5, help="ties / dare: fraction of task-vector entries kept"),
       arg("--lambda", dest="lam", type=float, default=1.0, help="task-vector scale"),
-      arg("--seed", type=int, default=0, help="dare: the drop mask's seed"))
+      arg("--seed", type=int, default=0, help="dare: the drop mask's seed; --search: the evolution strategy's"))
 def _merge(args):
+    _check_merge_flags(args)
     if args.recipe:
         if not args.out:
             raise JaxfoundError("--recipe needs --out DIR (where the merged model is written)")
         return _print_summary(merge.run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed))
     if not args.target_task or not args.registry:
         raise JaxfoundError("give --target-task T --registry R (plan from the graph) or --recipe R.yaml --out DIR")
+    refit = RefitConfig(lr=args.refit_lr, epochs=args.refit_epochs, seed=args.seed) if args.refit_heads else None
     report = merge.merge_from_registry(args.registry, args.target_task, args.method, args.out, args.name,
-                                       args.force, density=args.density, lam=args.lam, seed=args.seed)
+                                       args.force, search_budget=(args.budget or 12) if args.search else None,
+                                       refit=refit, threshold=args.gate, search_seed=args.seed,
+                                       density=args.density, lam=args.lam, seed=args.seed)
     _print_summary({k: report.get(k) for k in ("name", "method", "metric", "split", "score", "best_parent",
-                                               "best_parent_score", "delta", "registered", "out")})
+                                               "best_parent_score", "worst_retention", "registered", "out")})
     print(report["message"])
     return 0 if report["registered"] else 1
+
+
+def _check_merge_flags(args) -> None:
+    """Flags that cannot work together or out of range: name the flag and what is valid."""
+    if args.recipe:
+        for flag, on in (("--search", args.search), ("--refit-heads", args.refit_heads), ("--budget", args.budget)):
+            if on:
+                raise JaxfoundError(f"{flag} works with --target-task (the plan from the graph); a --recipe fixes "
+                                    "its coefficients and has no validation data")
+    if args.budget is not None and not args.search:
+        raise JaxfoundError(f"--budget {args.budget} needs --search (it bounds the search's evaluations)")
+    if args.budget is not None and args.budget < 1:
+        raise JaxfoundError(f"--budget {args.budget}: give the number of evaluations, an integer >= 1")
+    if not 0.0 < args.gate <= 1.5:
+        raise JaxfoundError(f"--gate {args.gate}: give the fraction of each parent's score to keep, in (0, 1.5], "
+                            "e.g. 0.95")
+    if args.refit_epochs < 1 or args.refit_lr <= 0:
+        raise JaxfoundError(f"--refit-epochs {args.refit_epochs} / --refit-lr {args.refit_lr}: epochs must be >= 1 "
+                            "and the learning rate > 0")
 
 
 @verb("graph", "the knowledge graph of a registry: show, lineage MODEL, plot OUT.png",

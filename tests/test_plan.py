@@ -175,17 +175,29 @@ def test_execute_plan_records_merged_from_edges_and_scores(g, zoo):
     assert G.vertex(g, "ner-ties")["merge_params"] == {"lam": 1.0, "normalize": True, "density": 0.5}
 
 
-def test_execute_plan_refuses_a_worse_model_unless_forced(g, zoo):
+def test_execute_plan_gates_each_parent_and_refuses_unless_forced(g, zoo):
     plan = plan_merge(g, NER, "average")
     evaluate = _dist_score(zoo["ner-a"])  # ner-a itself is the best possible model
     before = G.to_dict(g)
-    _, report = execute_plan(plan, _loader(zoo), evaluate, g=g, name="ner-avg")
+    _, report = execute_plan(plan, _loader(zoo), evaluate, g=g, name="ner-avg", threshold=0.999)
     assert not report["registered"] and report["message"].startswith("refused:")
-    assert "below its best parent 'ner-a'" in report["message"] and "force=True" in report["message"]
+    claims = {c["parent"]: c for c in report["gate"]["claims"]}
+    assert set(claims) == {"ner-a", "ner-b", "ner-c"}  # the NER parents; pos has no NER evaluator here
+    for name, c in claims.items():  # retention = merged / parent, both by the same evaluator
+        assert c["parent_score"] == pytest.approx(evaluate(zoo[name]))
+        assert c["retention"] == pytest.approx(report["score"] / c["parent_score"])
+        assert c["passed"] == (c["retention"] >= 0.999)
+    assert not claims["ner-a"]["passed"] and claims["ner-a"]["parent_score"] == pytest.approx(1.0)
+    assert f"{claims['ner-a']['retention']:.3f} of 'ner-a'" in report["message"]
+    assert "below the gate 0.999" in report["message"] and "force=True" in report["message"]
     assert G.to_dict(g) == before
-    _, report = execute_plan(plan, _loader(zoo), evaluate, g=g, name="ner-avg", force=True)
+    _, report = execute_plan(plan, _loader(zoo), evaluate, g=g, name="ner-avg", threshold=0.999, force=True)
     assert report["registered"] and report["message"].endswith("(forced)")
-    assert report["score"] < report["best_parent_score"] == pytest.approx(1.0)
+    assert G.vertex(g, "ner-avg")["gate_forced"] is True
+    # a lower gate passes the same merge: every claim kept >= 0.5
+    _, report = execute_plan(plan, _loader(zoo), evaluate, g=g, name="ner-avg-2", threshold=0.5)
+    assert report["registered"] and report["registered_tasks"] == [NER]
+    assert report["worst_retention"] == pytest.approx(min(c["retention"] for c in report["gate"]["claims"]))
 
 
 def test_greedy_soup_keeps_only_ingredients_that_do_not_hurt(g, zoo):
@@ -298,7 +310,16 @@ parameters: {{lambda: 0.6}}
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("merge_method: slerp\nmodels: [{model: a}]", "key 'merge_method' is 'slerp'; allowed: linear, task_arithmetic"),
+    ("merge_method: sce\nmodels: [{model: a}]", "key 'merge_method' is 'sce'; allowed: linear, task_arithmetic"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [a, b, c]", "slerp interpolates base_model and one other model"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [a, b]", "slerp needs key 'parameters.t'"),
+    ("merge_method: slerp\nbase_model: a\nmodels: [a, b]\nparameters: {t: [{filter: mlp, value: [0, x]}]}",
+     "parameters.t[0].value[1] must be a number, got 'x'"),
+    ("merge_method: della\nbase_model: a\nmodels: [{model: b, parameters: {t: 0.5}}]",
+     "unknown key 'models[0].parameters.t' (allowed: weight, density, epsilon)"),
+    ("merge_method: model_stock\nbase_model: a\nmodels: [a, b]", "model_stock needs at least 2 models besides"),
+    ("merge_method: ties\nbase_model: a\nmodels: [b]\nparameters: {normalize: [true, false]}",
+     "parameters.normalize must be true or false"),
     ("merge_method: linear\nmodel: [a]", "unknown key 'model' (allowed: models, merge_method"),
     ("merge_method: linear\nmodels: a", "key 'models' must be a non-empty list"),
     ("merge_method: linear\nmodels: [{model: a}, {parameters: {weight: 1}}]", "models[1] needs 'model: <path>'"),
@@ -308,7 +329,7 @@ parameters: {{lambda: 0.6}}
      "models[0].parameters.density is 1.5; it must be in (0, 1]"),
     ("merge_method: ties\nmodels: [{model: a}]", "merge_method ties needs key 'base_model'"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {lambda: 2}}]",
-     "unknown key 'models[0].parameters.lambda' (allowed: weight, density)"),
+     "unknown key 'models[0].parameters.lambda' (allowed: weight)"),
     ("merge_method: linear\nparameters: {normalise: true}\nmodels: [a]", "unknown key 'parameters.normalise'"),
 ])
 def test_malformed_recipes_name_the_file_and_key(tmp_path, body, message):

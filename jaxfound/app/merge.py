@@ -1,24 +1,36 @@
 """`jaxfound merge` and `jaxfound graph`: fuse models from a plan on the knowledge graph or from a mergekit-style
 recipe, validate on the target's data, record the result; describe the registry.
 
-    report = merge_from_registry("REG", "conll2003/ner")      # plan, merge, validate, register, write
+    report = merge_from_registry("REG", "conll2003/ner")      # plan, merge, validate, gate, register, write
+    report = merge_from_registry("REG", "conll2003/ner", "ties", search_budget=12, refit=RefitConfig())
     summary = run_recipe("ties.yaml", "runs/ties", hf=True)   # mergekit-style YAML -> a transformers dir
+
+With search_budget, the plan's coefficients are searched on the validation split (fusion.search: a grid, then an
+evolution strategy; the objective is the worst task's retention of its best parent's score) and every evaluation is
+written to OUT/search_log.jsonl (a rerun into the same OUT reads it back: evaluations already made cost nothing).
+With refit, each task's head is re-fitted on the merged trunk (app.refit), inside the search too.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import igraph as ig
 
 from jaxfound import runs
 from jaxfound.app.evaluate import predictor_for
+from jaxfound.app.refit import HeadRefit
 from jaxfound.config import read_yaml
 from jaxfound.errors import JaxfoundError
 from jaxfound.fusion import graph
-from jaxfound.fusion.plan import execute_plan, plan_merge
+from jaxfound.fusion.gate import DEFAULT_THRESHOLD
+from jaxfound.fusion.plan import MergePlan, execute_plan, plan_merge, search_plan
 from jaxfound.fusion.recipe import merge_recipe, parse_recipe
-from jaxfound.interop.hf import save_pretrained
+from jaxfound.fusion.refit import RefitConfig
+from jaxfound.interop.hf import save_pretrained, transformers_names
+
+SEARCH_LOG = "search_log.jsonl"
 
 
 def registry_loader(g: ig.Graph):
@@ -49,24 +61,114 @@ def write_merged(out: str | Path, template: runs.Run, params: dict, report: dict
                           tokenizer=template.tokenizer, reports={"merge.json": report})
 
 
+def memo_loader(load):
+    """load(name, path), each model read from disk once."""
+    loaded: dict[str, dict] = {}
+
+    def cached(name: str, path: str | None) -> dict:
+        if name not in loaded:
+            loaded[name] = load(name, path)
+        return loaded[name]
+    return cached
+
+
+def read_search_log(path: str | Path) -> dict[str, tuple[float, dict]]:
+    """A search cache {evaluation key: (score, info)} from an earlier search log (empty when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    cache = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            cache[row["key"]] = (float(row["score"]), row.get("info", {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise JaxfoundError(f"{path}:{i}: not a search-log line (JSON with 'key' and 'score'); "
+                                "delete the file to search afresh") from None
+    return cache
+
+
+def write_search_log(path: str | Path, log: list[dict]) -> Path:
+    """Every evaluation of a search as one JSON line: index, phase, coefficients, score, cached, key, info."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, default=float) + "\n" for row in log))
+    return path
+
+
+def task_templates(plan: MergePlan) -> dict[str, runs.Run]:
+    """Per task of the plan, its best candidate's run (labels, tokenizer, data files, evaluation)."""
+    out = {}
+    for task in plan.tasks:
+        best = max((c for c in plan.candidates if c.task == task), key=lambda c: c.score)
+        if not best.path:
+            raise JaxfoundError(f"model '{best.name}' has no path in the registry; cannot evaluate task '{task}'")
+        out[task] = runs.open_run(best.path)
+    return out
+
+
+def task_scorer(evaluators, head_refit: HeadRefit | None = None):
+    """score_tasks({task: params}) -> {task: validation score}; with head_refit the heads are re-fitted first and
+    scored on the cached validation features (what evaluating the whole model gives, without a second pass)."""
+    def score_tasks(task_params):
+        if head_refit is None:
+            return {t: evaluators[t](p) for t, p in task_params.items()}
+        return {t: info["valid_after"] for t, info in head_refit(task_params)[1].items()}
+    return score_tasks
+
+
 def merge_from_registry(registry, target_task: str, method: str = "auto", out: str | Path | None = None,
-                        name: str | None = None, force: bool = False, **plan_kwargs) -> dict:
-    """Plan from the registry's graph, fuse, validate on the best target fine-tune's data.valid, record, write."""
+                        name: str | None = None, force: bool = False, *, search_budget: int | None = None,
+                        refit: RefitConfig | None = None, threshold: float = DEFAULT_THRESHOLD, search_seed: int = 0,
+                        **plan_kwargs) -> dict:
+    """Plan from the registry's graph, (search,) fuse, (re-fit heads,) validate every task on its best fine-tune's
+    data.valid, gate, record, write."""
     g = graph.load(registry)
     plan = plan_merge(g, target_task, method, **plan_kwargs)
     print(plan.describe())
-    best = max((c for c in plan.candidates if c.task == target_task), key=lambda c: c.score)
-    template = runs.open_run(best.path)
-    evaluate, _ = run_evaluator(template)
-    name = name or f"{target_task.replace('/', '-')}-{plan.method}"
+    templates = task_templates(plan)
+    evaluators = {t: run_evaluator(r)[0] for t, r in templates.items()}
+    metrics = {t: r.task.metric for t, r in templates.items()}
+    name = name or f"{target_task.replace('/', '-')}-{plan.method}" + ("-searched" if search_budget else "")
     out = Path(out or Path(registry) / "merged" / name).resolve()
-    params, report = execute_plan(plan, registry_loader(g), evaluate, g=g, name=name, path=str(out), force=force)
+    load = memo_loader(registry_loader(g))
+    head_refit = HeadRefit(templates, refit, metrics=metrics) if refit is not None else None
+    searched = {}
+    if search_budget is not None:
+        params = {c.name: load(c.name, c.path) for c in plan.candidates}
+        base = load(plan.base, plan.base_path) if plan.method not in ("linear", "slerp", "greedy_soup") \
+            else None
+        reference = {t: max(evaluators[t](params[c.name]) for c in plan.candidates if c.task == t) for t in plan.tasks}
+
+        score_tasks = task_scorer(evaluators, head_refit)
+        log_path = out / SEARCH_LOG
+        plan, result = search_plan(plan, params, base, score_tasks, reference, search_budget, seed=search_seed,
+                                   cache=read_search_log(log_path))
+        write_search_log(log_path, result.log)
+        print(f"search: {result.evaluations} new evaluations of {len(result.log)} requested (budget "
+              f"{search_budget}); best worst-task retention {result.score:.4f} at {result.best}; log {log_path}")
+        searched = {"search": {"budget": search_budget, "evaluations": result.evaluations, "best": result.best,
+                               "worst_retention": result.score, "reference": reference, "log": str(log_path)}}
+    params, report = execute_plan(plan, load, evaluators[target_task], g=g, name=name, path=str(out), force=force,
+                                  evaluators=evaluators, threshold=threshold, refit=head_refit, metrics=metrics)
     report.pop("task_params")
+    report |= searched
+    print(plan_gate_table(report))
     if report["registered"]:
-        write_merged(out, template, params, report)
+        write_merged(out, templates[target_task], params, report)
         graph.save(g, registry)
         report["out"] = str(out)
     return report
+
+
+def plan_gate_table(report: dict) -> str:
+    """The gate's verdict per (task, parent)."""
+    gate = report["gate"]
+    rows = [f"gate (keep >= {gate['threshold']:g} of each parent's {report['split']} score):",
+            f"  {'task':<24} {'parent':<28} {'parent':>8} {'merged':>8} {'kept':>7}  verdict"]
+    rows += [f"  {c['task']:<24} {c['parent']:<28} {c['parent_score']:>8.4f} {c['score']:>8.4f} "
+             f"{c['retention']:>7.3f}  {'pass' if c['passed'] else 'FAIL'}" for c in gate["claims"]]
+    return "\n".join(rows)
 
 
 def _resolve(path: str, recipe: Path, key: str) -> Path:
@@ -95,7 +197,8 @@ def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed:
     models = [runs.open_run(_resolve(p, recipe_path, f"models[{i}].model")) for i, p in enumerate(recipe.models)]
     base = runs.open_run(_resolve(recipe.base, recipe_path, "base_model")) if recipe.base else None
     _check_mergeable(models, recipe_path)
-    params = merge_recipe(recipe, [m.params for m in models], base.params if base else None, seed)
+    params = merge_recipe(recipe, [m.params for m in models], base.params if base else None, seed,
+                          names=transformers_names(models[0].model))
     summary = {"recipe": str(recipe_path), "method": recipe.method, "models": list(recipe.models),
                "weights": list(recipe.weights), "densities": list(recipe.densities), "base": recipe.base,
                "lambda": recipe.lam, "normalize": recipe.normalize, "format": "transformers" if hf else "jaxfound"}

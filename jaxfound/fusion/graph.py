@@ -36,6 +36,7 @@ RELATIONS = {
     "quantized_from": ("model", MODELS),
     "defined_on": ("task", "dataset"),
     "tokenized_with": (MODELS, "tokenizer"),
+    "head_refit_on": (MODELS, "dataset"),  # a merged model's task head trained again on the dataset (a probe)
 }
 PARENT_RELATIONS = ("finetuned_from", "adapter_of", "merged_from", "quantized_from")
 KIND_COLORS = {"model": "#4c72b0", "adapter": "#64b5cd", "dataset": "#55a868", "task": "#dd8452",
@@ -193,6 +194,20 @@ def register_merge(g: ig.Graph, model: str, path: str | None, sources: Mapping[s
     return v
 
 
+def record_head_refit(g: ig.Graph, model: str, dataset: str, task: str, **hyper) -> ig.Edge:
+    """model --head_refit_on--> dataset with the task and the re-fit's hyper-parameters: what was trained after a
+    merge, so the lineage says the head is not the parents'."""
+    vertex(g, model, MODELS)
+    vertex(g, task, "task")
+    ensure(g, "dataset", dataset)
+    return add_edge(g, model, dataset, "head_refit_on", task=task, **hyper)
+
+
+def task_datasets(g: ig.Graph, task: str) -> list[str]:
+    """The datasets task is defined on."""
+    return [g.vs[e.target]["name"] for e in out_edges(g, vertex(g, task, "task"), ["defined_on"])]
+
+
 def register_quantize(g: ig.Graph, model: str, path: str | None, source: str, method: str = "int8",
                       **attrs) -> ig.Vertex:
     """A quantized model; its signature differs from the source's, so it is never offered for merging."""
@@ -332,13 +347,13 @@ def in_edges(g: ig.Graph, v: ig.Vertex, relations: Iterable[str]) -> list[ig.Edg
 
 def lineage(g: ig.Graph, model: str) -> list[str]:
     """Ancestors, nearest first (breadth-first, edges in insertion order), through fine-tune/merge/quantize
-    edges and ending with pretraining corpora."""
+    edges and ending with pretraining corpora; a merged model's re-fitted heads add the data they were fitted on."""
     start = vertex(g, model, MODELS)
     order, seen, frontier = [], {start.index}, [start]
     while frontier:
         nxt = []
         for v in frontier:
-            for e in out_edges(g, v, PARENT_RELATIONS + ("pretrained_on",)):
+            for e in out_edges(g, v, PARENT_RELATIONS + ("pretrained_on", "head_refit_on")):
                 if e.target not in seen:
                     seen.add(e.target)
                     order.append(g.vs[e.target]["name"])

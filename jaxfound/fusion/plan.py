@@ -30,22 +30,39 @@ NER with POS and chunk models scored well below the NER soup). One fine-tune of 
 models -> TIES with density 0.5 (Yadav et al. 2023: task vectors of different tasks interfere; trimming small
 entries and electing signs limits that). The trunk is merged with the method; each
 task's head is the coefficient-weighted average of that task's candidates' heads (renormalised within the task).
+
+The evidence behind 'auto' (benchmarks/results/fusion_conll03.json: MiniLM on full CoNLL-2003, 2 epochs, test F1):
+the greedy soup of four NER fine-tunes kept only the best one (0.8523; the uniform soup 0.8477), so a soup is never
+below its best ingredient on validation while a plain average can be; one trunk for NER + POS + chunk kept only
+0.82-0.83 of the single-task NER F1 with the heads as merged (task arithmetic and TIES alike) but 0.95-0.97 with each
+head re-fitted on the merged trunk, against the single-task models with their heads re-fitted the same way (TIES at
+equal weights: NER / POS / chunk 0.953 / 0.992 / 0.982; task arithmetic 0.934 / 0.991 / 0.985), so multi-task merges
+want --refit-heads and, there, TIES's trimming and sign election edged out task arithmetic on the worst task.
+
+Searched and gated merges: search_plan replaces the formula's coefficients with the best point of fusion.search
+(a staged grid, then an evolution strategy, under a budget of evaluations; objective: the worst task's retention,
+score / that task's single-task parent score on validation); execute_plan can re-fit heads after the merge
+(refit=, recorded as head_refit_on edges) and gates every claim (fusion.gate: >= threshold of each parent's
+validation score on each task, default 0.95; force registers anyway and says so).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 
 import igraph as ig
 import jax
 
 from jaxfound.errors import JaxfoundError
-from jaxfound.fusion import graph, merge
+from jaxfound.fusion import gate as gating
+from jaxfound.fusion import graph, merge, search
 
-METHODS = ("auto", "greedy_soup", "average", "linear", "task_arithmetic", "ties", "dare", "dare_linear", "dare_ties")
 ALIASES = {"average": "linear", "dare": "dare_ties"}
+# every method of fusion.merge (methods added there become plannable and searchable), plus the plan's own
+METHODS = ("auto", "greedy_soup", *ALIASES, *merge.METHODS)
 PREFERRED_METRICS = ("f1", "accuracy", "macro_f1")
 
 
@@ -206,6 +223,20 @@ def _pick_candidates(g: ig.Graph, found: list[tuple], base_v: ig.Vertex, target_
     return picked, excluded
 
 
+def _top_per_task(picked: list[tuple], excluded: list, k: int, split: str) -> tuple[list, list]:
+    """The k best picked models of each task (by validation score); the others left out with the reason."""
+    if k < 1:
+        raise JaxfoundError(f"top_per_task={k}; keep at least 1 model per task")
+    rank = {}
+    for v, t, _, _ in sorted(picked, key=lambda p: -p[3]):
+        rank.setdefault(t, []).append(v["name"])
+    keep = {p[0]["name"] for p in picked if p[0]["name"] in rank[p[1]][:k]}
+    kept = [p for p in picked if p[0]["name"] in keep]
+    excluded = excluded + [(p[0]["name"], f"top_per_task={k}: not among the {k} best of '{p[1]}' on {split}")
+                           for p in picked if p[0]["name"] not in keep]
+    return kept, excluded
+
+
 def _choose_method(method: str, candidates: list[Candidate], target_task: str, density: float) -> tuple[str, str]:
     """(the merge method to run, why): 'auto' soups one task's fine-tunes and TIES-merges several tasks."""
     one_task = all(c.task == target_task for c in candidates)
@@ -226,8 +257,10 @@ def _choose_method(method: str, candidates: list[Candidate], target_task: str, d
 def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: str = "valid",
                metric: str | None = None, base: str | None = None, related_weight: float = 0.5,
                include_related: bool = True, temperature: float = 0.1, weighting: str = "score",
-               density: float = 0.5, lam: float = 1.0, normalize: bool | None = None, seed: int = 0) -> MergePlan:
-    """A merge plan for target_task from the graph g (see the module docstring for the rules and the formula)."""
+               density: float = 0.5, lam: float = 1.0, normalize: bool | None = None, seed: int = 0,
+               top_per_task: int | None = None) -> MergePlan:
+    """A merge plan for target_task from the graph g (see the module docstring for the rules and the formula);
+    top_per_task=k keeps the k best candidates of each task on validation (1: one model per task)."""
     if method not in METHODS:
         raise JaxfoundError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
     graph.vertex(g, target_task, "task")
@@ -245,6 +278,8 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
         base = graph.root_model(g, max(direct, key=lambda vs: vs[1])[0]["name"])
     base_v = graph.vertex(g, base, graph.MODELS)
     picked, excluded = _pick_candidates(g, found, base_v, target_task, method)
+    if top_per_task is not None:
+        picked, excluded = _top_per_task(picked, excluded, top_per_task, split)
     best_of = {}
     for _, t, _, s in picked:
         best_of[t] = max(best_of.get(t, -math.inf), s)
@@ -262,13 +297,15 @@ def plan_merge(g: ig.Graph, target_task: str, method: str = "auto", *, split: st
 
 
 def _method_params(method: str, density: float, lam: float, normalize: bool | None, seed: int) -> dict:
-    """The keyword arguments merge.merge takes for method (mergekit's defaults for normalize)."""
+    """The keyword arguments merge.merge takes for method (mergekit's defaults for normalize); a method added to
+    fusion.merge gets the scalars search.METHOD_SCALARS lists for it."""
     if method in ("greedy_soup", "linear"):
         return {"normalize": True if normalize is None else normalize}
-    out = {"lam": lam, "normalize": (method == "ties") if normalize is None else normalize}
-    if method in ("ties", "dare_linear", "dare_ties"):
-        out["density"] = density
-    if method.startswith("dare"):
+    scalars = search.METHOD_SCALARS.get(method, ())
+    out = {k: v for k, v in (("lam", lam), ("density", density), ("t", 0.5)) if k in scalars}
+    if method in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        out["normalize"] = (method == "ties") if normalize is None else normalize
+    if method in merge.RANDOM_METHODS:
         out["seed"] = seed
     return out
 
@@ -298,7 +335,7 @@ def fuse(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None =
     if "seed" in kwargs:
         kwargs["key"] = jax.random.key(kwargs.pop("seed"))
     base_trunk = None
-    if plan.method != "linear":
+    if plan.method not in ("linear", "slerp"):  # slerp interpolates the two candidates themselves
         if base_params is None:
             raise JaxfoundError(f"method {plan.method} needs the base model's params ('{plan.base}')")
         base_trunk = merge.split_trunk(base_params)[1]
@@ -307,53 +344,153 @@ def fuse(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None =
     return fuse_heads(plan, params, trunk)
 
 
+# ---------------------------------------------------------------- searching
+
+
+def search_space_of(plan: MergePlan, **kwargs) -> search.SearchSpace:
+    """The plan's coefficients as a search space: its method's scalars and one weight per candidate (a greedy soup
+    is searched as a weighted linear merge of its candidates). kwargs go to search.search_space."""
+    method = "linear" if plan.method == "greedy_soup" else plan.method
+    return search.search_space(method, [c.name for c in plan.candidates], **kwargs)
+
+
+def with_coefficients(plan: MergePlan, space: search.SearchSpace, point: Mapping[str, float]) -> MergePlan:
+    """The plan with a searched point: its method, candidate weights (as given) and scalars in params."""
+    weights = space.weights(point)
+    candidates = tuple(dataclasses.replace(c, coefficient=float(w)) for c, w in zip(plan.candidates, weights)) \
+        if weights is not None else plan.candidates
+    params = {**(plan.params if plan.method != "greedy_soup" else {"normalize": True}), **space.scalars(point)}
+    return dataclasses.replace(plan, method=space.method, candidates=candidates, params=params,
+                               rationale=plan.rationale + f". Coefficients searched on {plan.split}: {dict(point)}")
+
+
+def plan_objective(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None,
+                   score_tasks: Callable[[dict[str, dict]], Mapping[str, float]], reference: Mapping[str, float],
+                   space: search.SearchSpace) -> Callable[[dict[str, float]], tuple[float, dict]]:
+    """objective(point) -> (worst task's retention, {'scores': {task: score}}) of the plan merged at point."""
+    def objective(point):
+        fused = fuse(with_coefficients(plan, space, point), params, base_params)
+        scores = {t: float(v) for t, v in score_tasks(fused).items()}
+        return gating.worst_retention(scores, reference), {"scores": scores}
+    return objective
+
+
+def search_plan(plan: MergePlan, params: Mapping[str, dict], base_params: dict | None,
+                score_tasks: Callable[[dict[str, dict]], Mapping[str, float]], reference: Mapping[str, float],
+                budget: int, *, seed: int = 0, cache: MutableMapping | None = None,
+                space: search.SearchSpace | None = None, **search_kwargs) -> tuple[MergePlan, search.SearchResult]:
+    """The plan's coefficients searched under a budget of evaluations; the objective is the worst task's retention
+    min_t score_t / reference_t (reference: each task's single-task parent score on validation).
+
+    score_tasks({task: params}) -> {task: validation score} (the driver may re-fit heads inside it).
+    Returns (the plan with the best point, the search result with its log).
+    """
+    space = space or search_space_of(plan)
+    objective = plan_objective(plan, params, base_params, score_tasks, reference, space)
+    result = search.search(objective, space, budget, seed=seed, cache=cache, **search_kwargs)
+    return with_coefficients(plan, space, result.best), result
+
+
 # ---------------------------------------------------------------- executing
+
+
+def _memo(evaluate: Callable[[dict], float]) -> Callable[[dict], float]:
+    """evaluate, remembering scores by the params' identity (a parent scored twice costs once)."""
+    seen: dict[int, tuple[dict, float]] = {}
+
+    def scored(params):
+        if id(params) not in seen:
+            seen[id(params)] = (params, float(evaluate(params)))  # the params are kept so their id stays theirs
+        return seen[id(params)][1]
+    return scored
+
+
+def _merge_target(plan: MergePlan, params: dict, load_params, evaluate) -> tuple[dict, dict, dict]:
+    """(task params, sources {model: coefficient}, greedy-soup details) of the plan's merge."""
+    if plan.method != "greedy_soup":
+        base_params = load_params(plan.base, plan.base_path) if plan.method not in ("linear", "slerp") else None
+        return fuse(plan, params, base_params), plan.coefficients, {}
+    names = [c.name for c in plan.candidates]
+    target, chosen, history = merge.greedy_soup([params[n] for n in names], evaluate)
+    sources = {names[i]: 1.0 / len(chosen) for i in chosen}
+    return ({plan.target_task: target}, sources,
+            {"kept": list(sources), "left_out": [n for n in names if n not in sources], "history": history})
 
 
 def execute_plan(plan: MergePlan, load_params: Callable[[str, str | None], dict], evaluate: Callable[[dict], float],
                  *, g: ig.Graph | None = None, name: str | None = None, path: str | None = None,
-                 force: bool = False) -> tuple[dict, dict]:
-    """Merge, score on the target's validation split, compare with the best parent, record in g.
+                 force: bool = False, evaluators: Mapping[str, Callable[[dict], float]] | None = None,
+                 threshold: float = gating.DEFAULT_THRESHOLD,
+                 refit: Callable[[dict[str, dict]], tuple[dict[str, dict], dict]] | None = None,
+                 metrics: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+    """Merge, (re-fit heads,) score on validation, gate each task against each parent, record in g.
 
-    load_params(model name, path) -> params; evaluate(params) -> the plan's metric on the target (higher is
-    better). With g, the fused model is registered (merged_from edges with method and coefficient, its score)
-    only if it is not worse than its best parent, or force. Returns (the target's params, report);
+    load_params(model name, path) -> params; evaluate(params) -> the plan's metric on the target (higher is better);
+    evaluators {task: evaluate} adds other tasks with candidates to the gate. refit({task: params}) ->
+    ({task: params with re-fitted heads}, {task: {dataset?, hyper-parameters, ...}}) runs after the merge;
+    metrics {task: metric name} names what the other tasks' evaluators return (default: task_metric).
+    The gate: the merged model keeps >= threshold of every parent's validation score on a task (parents are the
+    candidates of that task, scored by the same evaluator). With g, the merged model is registered only if the
+    target task passes (or force): merged_from edges with method and coefficient, head_refit_on edges, and a
+    score for the target and for each other gated task that passes. Returns (the target's params, report);
     report['task_params'] holds {task: params} for every task with candidates.
     """
+    evaluators = {**(evaluators or {}), plan.target_task: evaluate}
+    evaluators = {t: _memo(f) for t, f in evaluators.items() if t in plan.tasks}
     params = {c.name: load_params(c.name, c.path) for c in plan.candidates}
-    greedy = {}
-    if plan.method == "greedy_soup":
-        names = [c.name for c in plan.candidates]
-        # greedy_soup scores every candidate itself, so the best parent is measured like the soup
-        target, chosen, history = merge.greedy_soup([params[n] for n in names], evaluate)
-        best_parent, parent_score, score = names[chosen[0]], history[0], history[-1]
-        sources = {names[i]: 1.0 / len(chosen) for i in chosen}
-        task_params = {plan.target_task: target}
-        greedy = {"kept": list(sources), "left_out": [n for n in names if n not in sources], "history": history}
-    else:
-        base_params = load_params(plan.base, plan.base_path) if plan.method != "linear" else None
-        task_params = fuse(plan, params, base_params)
-        target = task_params[plan.target_task]
-        score = float(evaluate(target))
-        best = max((c for c in plan.candidates if c.task == plan.target_task), key=lambda c: c.score)
-        best_parent, parent_score = best.name, float(evaluate(params[best.name]))
-        sources = plan.coefficients
+    task_params, sources, greedy = _merge_target(plan, params, load_params, evaluators[plan.target_task])
+    refit_info = {}
+    if refit is not None:
+        task_params, refit_info = refit(task_params)
+    scores = {t: evaluators[t](task_params[t]) for t in evaluators if t in task_params}
+    parents = {t: {c.name: evaluators[t](params[c.name]) for c in plan.candidates if c.task == t} for t in scores}
+    report_gate = gating.gate(scores, parents, threshold)
     name = name or f"{plan.target_task.replace('/', '-')}-{plan.method}"
-    worse = score < parent_score
+    target_parents = parents[plan.target_task]
+    best_parent = max(target_parents, key=target_parents.get)
+    score, parent_score = scores[plan.target_task], target_parents[best_parent]
+    passed = report_gate.passed(plan.target_task)
     report = {"name": name, "target_task": plan.target_task, "method": plan.method, "metric": plan.metric,
-              "split": plan.split, "score": score, "best_parent": best_parent, "best_parent_score": parent_score,
-              "delta": score - parent_score, "coefficients": sources, "plan": plan.to_dict(), **greedy}
-    verdict = (f"fused '{name}' scores {score:.4f} {plan.metric} on {plan.split}, "
-               f"{'below' if worse else 'not below'} its best parent '{best_parent}' ({parent_score:.4f})")
+              "split": plan.split, "score": score, "scores": scores, "best_parent": best_parent,
+              "best_parent_score": parent_score, "delta": score - parent_score,
+              "worst_retention": min(c.retention for c in report_gate.claims), "gate": report_gate.to_dict(),
+              "coefficients": sources, "refit": refit_info, "plan": plan.to_dict(), **greedy}
+    failed = [c for c in report_gate.claims if c.task == plan.target_task and not c.passed]
+    verdict = (f"fused '{name}' scores {score:.4f} {plan.metric} on {plan.split} of '{plan.target_task}', "
+               + (f"keeping >= {threshold:g} of every parent's score" if passed else
+                  "keeping " + ", ".join(f"{c.retention:.3f} of '{c.parent}' ({c.parent_score:.4f})" for c in failed)
+                  + f", below the gate {threshold:g}"))
     if g is None:
-        report |= {"registered": False, "message": verdict + "; no graph given, nothing recorded"}
-    elif worse and not force:
-        report |= {"registered": False, "message": f"refused: {verdict}; pass force=True (--force) to register it"}
+        report |= {"registered": False, "registered_tasks": [],
+                   "message": verdict + "; no graph given, nothing recorded"}
+    elif not passed and not force:
+        report |= {"registered": False, "registered_tasks": [],
+                   "message": f"refused: {verdict}; pass force=True (--force) to register it"}
     else:
-        graph.register_merge(g, name, path, sources, plan.method, base=plan.base, target_task=plan.target_task,
-                         merge_params=dict(plan.params))
-        graph.record_score(g, name, plan.target_task, plan.metric, score, plan.split)
-        report |= {"registered": True,
-                   "message": f"registered: {verdict}" + (" (forced)" if worse else "")}
+        _record(g, plan, name, path, sources, scores, report_gate, refit_info, force, metrics or {})
+        claimed = [t for t in scores if report_gate.passed(t) or t == plan.target_task]
+        report |= {"registered": True, "registered_tasks": claimed,
+                   "message": f"registered: {verdict}" + ("" if passed else " (forced)")}
     report["task_params"] = task_params
-    return target, report
+    return task_params[plan.target_task], report
+
+
+def _record(g: ig.Graph, plan: MergePlan, name: str, path: str | None, sources: Mapping[str, float],
+            scores: Mapping[str, float], report_gate: gating.GateReport, refit_info: Mapping[str, dict],
+            force: bool, metrics: Mapping[str, str]) -> None:
+    """The merged model, its sources, its re-fitted heads and the scores it may claim (target: always here)."""
+    graph.register_merge(g, name, path, sources, plan.method, base=plan.base, target_task=plan.target_task,
+                         merge_params=dict(plan.params), gate_threshold=report_gate.threshold,
+                         gate_forced=force and not report_gate.passed(plan.target_task))
+    for task, info in refit_info.items():
+        info = dict(info)
+        dataset = info.pop("dataset", None) or next(iter(graph.task_datasets(g, task)), None)
+        if dataset is None:
+            raise JaxfoundError(f"head re-fit of '{task}': the task is defined on no dataset in the graph; "
+                                "give the refit info a 'dataset'")
+        graph.record_head_refit(g, name, dataset, task, **info)
+    for task, value in scores.items():
+        if task == plan.target_task or report_gate.passed(task):
+            metric = plan.metric if task == plan.target_task else (
+                metrics.get(task) or task_metric(g, task, plan.split) or plan.metric)
+            graph.record_score(g, name, task, metric, value, plan.split)
