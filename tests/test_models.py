@@ -42,9 +42,9 @@ def test_sparse_last_layer_is_exact_with_masks_remat_and_gradients():
     pos = jnp.array([[0, 5, 9, 12], [1, 2, 15, 3]])
     seg = jnp.array([[1] * 7 + [2] * 9, [1] * 12 + [0] * 4])
     am = (seg > 0).astype(jnp.int32)
-    for remat in ("none", "full"):
+    for remat, kws in (("none", ({"segment_ids": seg}, {"attention_mask": am})), ("full", ({"segment_ids": seg},))):
         model, params = _init(dataclasses.replace(CFG, remat=remat), "mlm")
-        for kw in ({"segment_ids": seg}, {"attention_mask": am}):
+        for kw in kws:
             def dense(p, model=model, kw=kw):
                 return jnp.take_along_axis(model.apply({"params": p}, ids, **kw), pos[..., None], axis=1)
 
