@@ -113,10 +113,25 @@ def test_bad_topologies_name_the_valid_ones(capsys):
 
 def test_collectives_are_read_from_hlo_text():
     hlo = """
-  %all-reduce.1 = f32[1024,768]{1,0} all-reduce(f32[1024,768]{1,0} %p), replica_groups={{0,1,2,3}}
-  %ag = (bf16[4,256]{1,0}, bf16[8]{0}) all-gather-start(bf16[1,256]{1,0} %x, bf16[2]{0} %y), dimensions={0}
-  %rs = bf16[128]{0} reduce-scatter(bf16[512]{0} %z), dimensions={0}
+  %all-reduce.1 = f32[1024,768]{1,0} all-reduce(f32[1024,768]{1,0} %p), channel_id=1, replica_groups={{0,1,2,3}}
+  %ag = ((bf16[1,256]{1,0}, bf16[2]{0}), (bf16[4,256]{1,0}, bf16[8]{0})) all-gather-start(bf16[1,256]{1,0} %x, \
+bf16[2]{0} %y), channel_id=2, dimensions={0}
+  %ag.done = (bf16[4,256]{1,0}, bf16[8]{0}) all-gather-done(%ag)
+  %cp = (bf16[96,4096]{1,0}, bf16[96,4096]{1,0}, u32[], u32[]) collective-permute-start(%w), channel_id=3
+  %cp.done = bf16[96,4096]{1,0} collective-permute-done(%cp)
+  %rs = bf16[128]{0} reduce-scatter(bf16[512]{0} %z), channel_id=4, dimensions={0}
 """
     assert aot.collectives(hlo) == {"all-reduce": {"count": 1, "bytes": 1024 * 768 * 4},
                                     "all-gather": {"count": 1, "bytes": 4 * 256 * 2 + 8 * 2},
+                                    "collective-permute": {"count": 1, "bytes": 96 * 4096 * 2},
                                     "reduce-scatter": {"count": 1, "bytes": 128 * 2}}
+
+
+def test_async_collective_fusion_copies_count_once():
+    # TPU's async collective fusion copies one all-gather (one channel) into its start, each continuation fusion
+    # it overlaps and its done: a v5e:2x2 gpt2_medium step holds 26 such copies of one embedding gather
+    copy = ("  %all-gather.{i} = bf16[50304,1024]{{1,0:T(8,128)(2,1)}} all-gather(%param_0.{i}), channel_id=83, "
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4] {{'axis_1'}}, dimensions={{1}}\n")
+    other = "  %all-gather.9 = bf16[1024,4096]{1,0} all-gather(%param_0.9), channel_id=98, dimensions={0}\n"
+    hlo = "".join(f"%fused_computation.{i} {{\n{copy.format(i=i)}}}\n" for i in range(26)) + other
+    assert aot.collectives(hlo) == {"all-gather": {"count": 2, "bytes": (50304 * 1024 + 1024 * 4096) * 2}}
