@@ -203,6 +203,8 @@ def _quantize(args):
       arg("--recipe", default=None, help="mergekit-style YAML (models, merge_method, base_model, parameters)"),
       arg("--out", default=None, help="output dir (plan mode default: REGISTRY/merged/NAME)"),
       arg("--hf", action="store_true", help="recipe mode: write a transformers directory"),
+      arg("--as-adapter", action="store_true", help="recipe mode: the models are LoRA runs of one base; write "
+          "their linear / task_arithmetic merge as one LoRA run (rank = the sum of ranks)"),
       arg("--name", default=None, help="name of the fused model in the graph"),
       arg("--force", action="store_true", help="register the fused model even if it fails the gate"),
       arg("--gate", type=float, default=0.95, help="register only if the merge keeps >= this fraction of every "
@@ -222,7 +224,11 @@ def _merge(args):
     if args.recipe:
         if not args.out:
             raise JaxfoundError("--recipe needs --out DIR (where the merged model is written)")
-        return _print_summary(merge.run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed))
+        if args.as_adapter and args.hf:
+            raise JaxfoundError("--as-adapter writes a jaxfound LoRA run; drop --hf (export it for PEFT with "
+                                "`jaxfound export --adapter`)")
+        return _print_summary(merge.run_recipe(args.recipe, args.out, hf=args.hf, seed=args.seed,
+                                               as_adapter=args.as_adapter))
     if not args.target_task or not args.registry:
         raise JaxfoundError("give --target-task T --registry R (plan from the graph) or --recipe R.yaml --out DIR")
     refit = RefitConfig(lr=args.refit_lr, epochs=args.refit_epochs, seed=args.seed) if args.refit_heads else None

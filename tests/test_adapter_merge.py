@@ -126,3 +126,24 @@ def test_merge_adapters_keeps_rank_for_task_arithmetic_and_folds_other_methods()
     np.testing.assert_allclose(at(dare), want, rtol=1e-5, atol=1e-5)
     for t, expected in ((0.0, folded[0]), (1.0, folded[1])):  # SLERP's ends are the folded adapters
         np.testing.assert_allclose(at(merge_adapters("slerp", [p1, p2], [c1, c2], t=t)[0]), at(expected), atol=1e-6)
+
+
+def test_recipe_merges_lora_runs_into_one_lora_run(registry_with_adapters, tmp_path, capsys):
+    """`jaxfound merge --recipe --as-adapter`: two LoRA runs of one base -> one LoRA run of rank 8 + 8 whose folded
+    weights are the linear merge of the two folded runs (an independent route: merge.linear on plain models)."""
+    from jaxfound import cli, runs
+    from jaxfound.fusion import merge
+
+    root = registry_with_adapters["root"]
+    recipe = tmp_path / "adapters.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - {{model: {root / 'lora-a'}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {root / 'lora-b'}, parameters: {{weight: 0.4}}}}\n")
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "m"), "--as-adapter"]) == 0
+    kept = runs.open_run(tmp_path / "m", adapters=True)
+    assert kept.config.model.lora.rank == 16 and lora.split(kept.params)[1]  # adapters kept apart, rank 8 + 8
+    want = merge.linear([runs.open_run(root / n).params for n in ("lora-a", "lora-b")], [0.6, 0.4])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 runs.open_run(tmp_path / "m").params, want)
+    recipe.write_text(recipe.read_text().replace("linear", "ties") + f"base_model: {registry_with_adapters['base']}\n")
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "t"), "--as-adapter"]) == 2
+    assert "merge_method ties does not keep adapters low-rank" in capsys.readouterr().err

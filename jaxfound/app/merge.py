@@ -17,18 +17,22 @@ import json
 from pathlib import Path
 
 import igraph as ig
+import jax
+import numpy as np
 
 from jaxfound import runs
 from jaxfound.app.evaluate import predictor_for
 from jaxfound.app.refit import HeadRefit
 from jaxfound.config import read_yaml
 from jaxfound.errors import JaxfoundError
-from jaxfound.fusion import graph
+from jaxfound.fusion import graph, merge
+from jaxfound.fusion.adapters import RANK_KEEPING, merge_adapters
 from jaxfound.fusion.gate import DEFAULT_THRESHOLD
 from jaxfound.fusion.plan import MergePlan, execute_plan, plan_merge, search_plan
 from jaxfound.fusion.recipe import merge_recipe, parse_recipe
 from jaxfound.fusion.refit import RefitConfig
 from jaxfound.interop.hf import save_pretrained, transformers_names
+from jaxfound.models import lora
 
 SEARCH_LOG = "search_log.jsonl"
 
@@ -190,10 +194,14 @@ def _check_mergeable(models: list[runs.Run], recipe_path: Path) -> None:
                                 f"'{models[0].model.head}'; merge models with one head")
 
 
-def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed: int = 0) -> dict:
-    """Merge the models of a mergekit-style YAML recipe; write a jaxfound run dir, or a transformers dir (hf)."""
+def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed: int = 0,
+               as_adapter: bool = False) -> dict:
+    """Merge the models of a mergekit-style YAML recipe; write a jaxfound run dir, or a transformers dir (hf).
+    as_adapter: the models are LoRA runs of one base, merged into one LoRA run (see merge_adapter_runs)."""
     recipe_path = Path(recipe_path)
     recipe = parse_recipe(read_yaml(recipe_path), str(recipe_path))
+    if as_adapter:
+        return merge_adapter_runs(recipe, recipe_path, out)
     models = [runs.open_run(_resolve(p, recipe_path, f"models[{i}].model")) for i, p in enumerate(recipe.models)]
     base = runs.open_run(_resolve(recipe.base, recipe_path, "base_model")) if recipe.base else None
     _check_mergeable(models, recipe_path)
@@ -205,6 +213,44 @@ def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed:
     template = models[0]
     where = save_pretrained(out, template.model, params, tokenizer=template.tokenizer, id2label=template.labels) \
         if hf else write_merged(out, template, params, summary)
+    summary["out"] = str(where)
+    return summary
+
+
+def merge_adapter_runs(recipe, recipe_path: Path, out: str | Path) -> dict:
+    """LoRA runs of one base merged by a rank-keeping method (linear, task_arithmetic) into one LoRA run: its
+    adapters are the exact weighted sum of theirs (rank = the sum of ranks; fusion.adapters.linear_adapters), its
+    heads their weighted average. The run opens folded like any LoRA run; `jaxfound export --adapter` writes it for
+    PEFT. The recipe's base_model is not read: the adapters carry their base, which must be the same weights."""
+    if recipe.method not in RANK_KEEPING:
+        raise JaxfoundError(f"{recipe_path}: merge_method {recipe.method} does not keep adapters low-rank; with "
+                            f"--as-adapter use one of {', '.join(RANK_KEEPING)} (other methods: merge without "
+                            "--as-adapter, which folds the adapters into a full model)")
+    models = [runs.open_run(_resolve(p, recipe_path, f"models[{i}].model"), adapters=True)
+              for i, p in enumerate(recipe.models)]
+    _check_mergeable(models, recipe_path)
+    def trunk(m):  # the frozen base weights; heads are trained with the adapters and may differ
+        return merge.split_trunk(lora.split(m.params)[0])[1]
+
+    base = trunk(models[0])
+    for i, m in enumerate(models):
+        if not m.config.model.lora.rank:
+            raise JaxfoundError(f"{recipe_path}: models[{i}] ({m.path}) has no LoRA adapters; --as-adapter merges "
+                                "LoRA runs (train.lora.rank > 0) of one base")
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                            trunk(m), base)
+        if i and not all(jax.tree.leaves(same)):
+            raise JaxfoundError(f"{recipe_path}: models[{i}] ({m.path}) is an adapter of other base weights than "
+                                f"models[0] ({models[0].path}); adapters merge only over one base")
+    normalize = recipe.normalize if recipe.normalize is not None else recipe.method == "linear"
+    params, cfg = merge_adapters(recipe.method, [m.params for m in models], [m.config.model.lora for m in models],
+                                 list(recipe.weights), lam=recipe.lam, normalize=normalize)
+    summary = {"recipe": str(recipe_path), "method": recipe.method, "models": list(recipe.models),
+               "weights": list(recipe.weights), "lambda": recipe.lam, "normalize": normalize, "format": "adapter",
+               "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets}}
+    template = models[0]
+    where = runs.write_run(out, runs.config_for(template, lora=cfg), params, labels=template.labels,
+                           tokenizer=template.tokenizer, reports={"merge.json": summary})
     summary["out"] = str(where)
     return summary
 
