@@ -15,6 +15,7 @@ from jaxfound.fusion import graph as G
 from jaxfound.fusion import refit, search
 from jaxfound.fusion.gate import gate, worst_retention
 from jaxfound.fusion.plan import execute_plan, plan_merge, search_plan
+from tests.test_plan import _dist_score, _loader
 
 NER, POS = "conll/ner", "conll/pos"
 
@@ -64,19 +65,6 @@ def g():
         G.register_finetune(g, name, f"mem/{name}", "base", "conll", NER, {"f1": f1}, split="valid")
     G.register_finetune(g, "pos", "mem/pos", "base", "conll", POS, {"accuracy": 0.90}, split="valid")
     return g
-
-
-def _loader(zoo):
-    return lambda name, path: zoo[name]
-
-
-def _dist_score(ideal):
-    """Highest (1.0) at the ideal trunk: 1 - 1e3 x the mean squared distance of the trunk's leaves."""
-    def evaluate(params):
-        d = [np.mean((np.asarray(a) - np.asarray(b)) ** 2) for a, b in
-             zip(jax.tree.leaves(params["bert"]), jax.tree.leaves(ideal["bert"]))]
-        return 1.0 - float(np.mean(d)) * 1e3
-    return evaluate
 
 
 # ---------------------------------------------------------------- search
