@@ -347,28 +347,39 @@ void PackedBlock(const PackedProblem& p, int64_t m0, int64_t m1, int64_t q0, int
   }
 }
 
-ffi::Error W8A8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
-                          ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+// The shapes of a packed call (x (M, K), packed (ceil(N/16), ceil(K/4)*64), comp (16*ceil(N/16),), w_scale (N,))
+// into p, with its data pointers; false when they do not fit that layout.
+template <typename P>
+bool ReadPacked(P& p, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& packed, ffi::Buffer<ffi::S32>& comp,
+                ffi::Buffer<ffi::F32>& w_scale, ffi::ResultBuffer<ffi::F32>& out) {
   const auto xd = x.dimensions();
   const auto pd = packed.dimensions();
-  PackedProblem p;
   p.M = xd.size() == 2 ? xd[0] : 0;
   p.K = xd.size() == 2 ? xd[1] : 0;
   p.N = w_scale.element_count();
   p.KQ = (p.K + 3) / 4;
   p.KP = p.KQ * 4;
   p.NP = (p.N + 15) / 16;
-  // comp (128 x column sums) is for the AVX-512 path's unsigned activations; this path does not need it
   if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+    return false;
+  }
+  p.x = x.typed_data();
+  p.packed = packed.typed_data();
+  p.w_scale = w_scale.typed_data();
+  p.out = out->typed_data();
+  return true;
+}
+
+ffi::Error W8A8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
+                          ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
+  PackedProblem p;
+  // comp (128 x column sums) is for the AVX-512 path's unsigned activations; this path does not need it
+  if (!ReadPacked(p, x, packed, comp, w_scale, out)) {
     return ffi::Error::InvalidArgument(
         "jaxfound_w8a8_packed_avx2: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 "
         "(16*ceil(N/16),), w_scale (N,)");
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  p.x = x.typed_data();
-  p.packed = packed.typed_data();
-  p.w_scale = w_scale.typed_data();
-  p.out = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
   const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, p.NP);
@@ -455,25 +466,13 @@ void W8Block(const PackedProblem& p, int64_t m0, int64_t m1, int64_t q0, int64_t
 
 ffi::Error W8PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> packed,
                         ffi::Buffer<ffi::S32> comp, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
-  const auto xd = x.dimensions();
-  const auto pd = packed.dimensions();
   PackedProblem p;
-  p.M = xd.size() == 2 ? xd[0] : 0;
-  p.K = xd.size() == 2 ? xd[1] : 0;
-  p.N = w_scale.element_count();
-  p.KQ = (p.K + 3) / 4;
-  p.KP = p.KQ * 4;
-  p.NP = (p.N + 15) / 16;
-  if (xd.size() != 2 || pd.size() != 2 || pd[0] != p.NP || pd[1] != p.KQ * 64 || comp.element_count() != p.NP * 16) {
+  if (!ReadPacked(p, x, packed, comp, w_scale, out)) {
     return ffi::Error::InvalidArgument(
         "jaxfound_w8_packed_avx2: expects x (M, K), packed int8 (ceil(N/16), ceil(K/4)*64), comp int32 "
         "(16*ceil(N/16),), w_scale (N,)");
   }
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  p.x = x.typed_data();
-  p.packed = packed.typed_data();
-  p.w_scale = w_scale.typed_data();
-  p.out = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t row_blocks = (p.M + kRowBlock - 1) / kRowBlock;
   const int64_t col_chunks = std::clamp<int64_t>((4 * threads + row_blocks - 1) / row_blocks, 1, p.NP);
