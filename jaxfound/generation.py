@@ -299,12 +299,12 @@ _DECODING: dict = {}  # id(params) -> (params, mode, their decoding form): int8 
 
 
 def decoding_params(model, params):
-    """params in the form the decode steps read: int8 w8a8 layers packed once for the native kernel
-    (quant.packed.for_decoding), the last params given kept so repeated calls reuse the packing."""
+    """params in the form the decode steps read: int8 layers packed once for the native kernel (Llama: q / k / v and
+    gate / up fused first; quant.packed.for_decoding), the last params given kept so repeated calls reuse them."""
     hit = _DECODING.get(id(params))
     if hit is not None and hit[0] is params and hit[1] == model.cfg.quant:
         return hit[2]
-    ready = for_decoding(params, model.cfg.quant)
+    ready = for_decoding(params, model.cfg.quant, fuse=model.cfg.arch == "llama")
     _DECODING.clear()
     _DECODING[id(params)] = (params, model.cfg.quant, ready)
     return ready

@@ -15,7 +15,7 @@ from jaxfound.config import ModelConfig
 from jaxfound.generation import decoding_params, generate
 from jaxfound.models import build_model
 from jaxfound.quant import kernel
-from jaxfound.quant.checkpoint import META_FILE, load_quantized, save_quantized
+from jaxfound.quant.checkpoint import META_FILE, flatten, load_quantized, save_quantized
 from jaxfound.quant.int8 import (
     dequantize,
     dequantize_kernel,
@@ -24,7 +24,15 @@ from jaxfound.quant.int8 import (
     quantize_tied_embedding,
     w8a8_dot_xla,
 )
-from jaxfound.quant.packed import pack_kernel, pack_params, packed_dot, packed_dot_xla, packed_rows, unpack_kernel
+from jaxfound.quant.packed import (
+    fuse_projections,
+    pack_kernel,
+    pack_params,
+    packed_dot,
+    packed_dot_xla,
+    packed_rows,
+    unpack_kernel,
+)
 from jaxfound.quant.report import size_report
 
 
@@ -100,6 +108,11 @@ def tied_llama():
     return cfg, model, params, qparams
 
 
+def _without_lookup(qparams):
+    word = {k: v for k, v in qparams["llama"]["word"].items() if k != "lookup"}
+    return {**qparams, "llama": {**qparams["llama"], "word": word}}
+
+
 def test_tied_table_is_int8_rows_serving_lookup_and_head(tied_llama):
     cfg, model, params, qparams = tied_llama
     word = qparams["llama"]["word"]
@@ -109,19 +122,35 @@ def test_tied_table_is_int8_rows_serving_lookup_and_head(tied_llama):
     deq = np.asarray(word["embedding"], np.float32) * np.asarray(word["scale"])[:, None]
     assert np.all(np.abs(deq - table) <= np.asarray(word["scale"])[:, None] / 2 + 1e-7)  # per row: half a step
     np.testing.assert_allclose(np.asarray(dequantize(qparams)["llama"]["word"]["embedding"]), deq, rtol=1e-6)
-    # the int8 model's logits equal those of its float twin (the same int8 weights dequantized): w8 to float
-    # rounding, w8a8 within its activation-rounding bound; packed (native kernel on CPU) = unpacked (XLA ops)
+    assert word["lookup"].dtype == jnp.float16  # the lookup's copy: float16 rounding of the float table
+    np.testing.assert_array_equal(np.asarray(word["lookup"]), table.astype(np.float16))
+    # without the lookup copy (earlier files) the int8 model's logits equal those of its float twin (the same int8
+    # weights dequantized): w8 to float rounding, w8a8 within its activation-rounding bound; packed (native kernel
+    # on CPU) = unpacked (XLA ops)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 101, (2, 9)), jnp.int32)
     ref = np.asarray(jax.jit(model.apply)({"params": dequantize(qparams)}, ids))
+    # with it, they equal those of an untied float twin: word table = the float16 copy, lm_head = the int8 head
+    untied = build_model(dataclasses.replace(cfg, tie_embeddings=False), "lm")
+    twin = dequantize(qparams)
+    twin = {**twin, "llama": {**twin["llama"], "word": {"embedding": np.asarray(word["lookup"], np.float32)}},
+            "lm_head": {"kernel": deq.T}}
+    ref_lookup = np.asarray(jax.jit(untied.apply)({"params": twin}, ids))
     for mode, bound in (("w8", 1e-5), ("w8a8", 0.04)):
         apply_q = jax.jit(build_model(dataclasses.replace(cfg, quant=mode), "lm").apply)
-        got = np.asarray(apply_q({"params": qparams}, ids))
-        assert np.sqrt(np.mean((got - ref) ** 2)) <= bound * np.sqrt(np.mean(ref ** 2))
-        packed = np.asarray(apply_q({"params": pack_params(qparams)}, ids))
-        np.testing.assert_allclose(packed, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+        for q, r in ((_without_lookup(qparams), ref), (qparams, ref_lookup)):
+            got = np.asarray(apply_q({"params": q}, ids))
+            assert np.sqrt(np.mean((got - r) ** 2)) <= bound * np.sqrt(np.mean(r ** 2))
+            packed = np.asarray(apply_q({"params": pack_params(q)}, ids))
+            np.testing.assert_allclose(packed, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
     report = size_report(params, qparams)
     assert report["quantized_layers"] == 2 * 5 + 1  # block Denses but key / value (32 outputs < 64), the tied table
-    assert report["quantized_bytes_after"] < report["quantized_bytes_before"] / 3.5
+    dense = sum(v.size for p, v in flatten(params).items() if p.endswith("kernel") and
+                flatten(qparams)[p].dtype == np.int8)
+    outs = sum(flatten(params)[p].shape[1] for p in flatten(qparams) if p.endswith("kernel") and
+               flatten(qparams)[p].dtype == np.int8)
+    # int8 kernels + float32 scales; the table: int8 rows + a float32 scale per row + its float16 copy
+    assert report["quantized_bytes_after"] == dense + 4 * outs + 101 * 64 * (1 + 2) + 4 * 101
+    assert report["quantized_bytes_before"] == 4 * (dense + 101 * 64)
 
 
 def test_packed_decoding_follows_its_own_full_forward(tied_llama):
@@ -138,12 +167,45 @@ def test_packed_decoding_follows_its_own_full_forward(tied_llama):
     assert np.argmax(logits[0, len(prompt) - 1:], axis=-1).tolist() == out
 
 
+@pytest.mark.parametrize("mode", ["w8", "w8a8"])
+def test_fused_projections_equal_the_separate_ones(mode):
+    # Qwen2-style q / k / v biases; k / v wide enough (64 outputs) for the default rules to quantize them
+    cfg = ModelConfig(arch="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=4, max_position=64, tie_embeddings=True, dropout=0.0, attention_bias=True)
+    params = nn.unbox(jax.jit(build_model(cfg, "lm").init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / x.size, params)
+    qparams = quantize_tied_embedding(quantize(params), "llama")
+    fused = fuse_projections(qparams)
+    for i in range(2):
+        attention, mlp = fused["llama"][f"layer_{i}"]["attention"], fused["llama"][f"layer_{i}"]["mlp"]
+        assert sorted(attention) == ["out", "qkv"] and sorted(mlp) == ["down", "gate_up"]
+        separate = qparams["llama"][f"layer_{i}"]["attention"]
+        np.testing.assert_array_equal(attention["qkv"]["kernel"], np.concatenate(
+            [separate[k]["kernel"] for k in ("query", "key", "value")], axis=1))
+        np.testing.assert_array_equal(attention["qkv"]["bias"], np.concatenate(
+            [separate[k]["bias"] for k in ("query", "key", "value")]))
+    # a group with a float member stays apart
+    half = {**qparams, "llama": {**qparams["llama"], "layer_0": {**qparams["llama"]["layer_0"], "attention": {
+        **qparams["llama"]["layer_0"]["attention"], "value": params["llama"]["layer_0"]["attention"]["value"]}}}}
+    assert "qkv" not in fuse_projections(half)["llama"]["layer_0"]["attention"]
+    qmodel = build_model(dataclasses.replace(cfg, quant=mode), "lm")
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 7)), jnp.int32)
+    apply = jax.jit(qmodel.apply)
+    want = np.asarray(apply({"params": qparams}, ids))
+    for tree in (fused, pack_params(fused)):  # XLA ops and, on CPU, the native kernel on the packed form
+        np.testing.assert_allclose(np.asarray(apply({"params": tree}, ids)), want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max())
+    ready = decoding_params(qmodel, qparams)
+    assert ("qkv" in ready["llama"]["layer_1"]["attention"]) == (jax.default_backend() == "cpu" and kernel.available())
+
+
 def test_checkpoint_keeps_the_int8_table_and_reads_version_1(tied_llama, tmp_path):
     _, _, _, qparams = tied_llama
     save_quantized(tmp_path / "v2", qparams, {"mode": "w8a8"})
     loaded, meta = load_quantized(tmp_path / "v2")
     assert loaded["llama"]["word"]["embedding"].dtype == np.int8 and meta == {"mode": "w8a8"}
     np.testing.assert_array_equal(loaded["llama"]["word"]["scale"], np.asarray(qparams["llama"]["word"]["scale"]))
+    assert loaded["llama"]["word"]["lookup"].dtype == np.float16
     # a /1 file (int8 Dense kernels only, float table) still reads
     v1 = quantize(dequantize(qparams))
     save_quantized(tmp_path / "v1", v1, {"mode": "w8"})

@@ -94,8 +94,9 @@ class Dense(nn.Module):
 class Embed(nn.Module):
     """A lookup table (num, features) with logical axes; ``tied_logits`` gives tied output logits.
 
-    Quantized tables (int8.quantize_tied_embedding) hold int8 'embedding' rows and one 'scale' per row; packed ones
-    (quant.packed.pack_params) hold the LM head's panels of that same table, and the lookup gathers rows from them.
+    Quantized tables (int8.quantize_tied_embedding) hold int8 'embedding' rows and one 'scale' per row (the head) and
+    a float16 'lookup' copy that the lookup reads; packed ones (quant.packed.pack_params) hold the head's panels of
+    that int8 table. Without 'lookup' (earlier files) the lookup gathers int8 rows (from the panels) times their scale.
     """
 
     num: int
@@ -112,6 +113,8 @@ class Embed(nn.Module):
             table = self.param("embedding", init, (self.num, self.features), DTYPES[self.param_dtype])
             return jnp.take(table, ids, axis=0).astype(dtype)
         get = lambda name: self.get_variable("params", name)  # noqa: E731
+        if self.has_variable("params", "lookup"):  # the table's float copy beside the int8 head
+            return jnp.take(get("lookup"), ids, axis=0).astype(dtype)
         if self.has_variable("params", "packed"):
             rows = packed_rows(get("packed"), ids, self.features)
         else:

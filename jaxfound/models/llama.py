@@ -5,7 +5,8 @@ RMSNorm before attention and MLP, rotary positions (default, linear or llama3 sc
 (Qwen3), an optional sliding window (Mistral), and an LM head tied to the word embeddings or its own.
 
 Params: ``llama`` (the trunk: word embedding, layer_i/{input_norm, attention/{query, key, value, out, q_norm,
-k_norm}, post_attention_norm, mlp/{gate, up, down}}, norm), ``lm_head`` when untied, ``classifier`` for the
+k_norm}, post_attention_norm, mlp/{gate, up, down}}, norm), ``lm_head`` when untied (decode steps on int8 weights may
+read attention/qkv and mlp/gate_up instead: the siblings fused by quant.packed.fuse_projections), ``classifier`` for the
 token / sequence classification heads. With model.scan_layers the layers are one ``layers`` subtree, every leaf
 stacked on a leading axis of size num_layers (models.scan); a KV cache then needs the unrolled layout.
 """
@@ -35,9 +36,18 @@ class LlamaAttention(nn.Module):
         B, L, _ = h_BxLxD.shape
         N, K, H = head_dims(cfg)
 
+        fused = None
+        if not self.is_initializing() and self.has_variable("params", "qkv"):  # decoding form: quant.packed
+            fused = layers.dense(cfg, (N + 2 * K) * H, ("embed", "heads"), "qkv", use_bias=cfg.attention_bias)(
+                h_BxLxD).reshape(B, L, N + 2 * K, H)
+            fused = {"query": fused[:, :, :N], "key": fused[:, :, N:N + K], "value": fused[:, :, N + K:]}
+
         def project(name, heads):
-            x = layers.dense(cfg, heads * H, ("embed", "heads"), name, use_bias=cfg.attention_bias)(h_BxLxD)
-            x = x.reshape(B, L, heads, H)
+            if fused is not None:
+                x = fused[name]
+            else:
+                x = layers.dense(cfg, heads * H, ("embed", "heads"), name, use_bias=cfg.attention_bias)(h_BxLxD)
+                x = x.reshape(B, L, heads, H)
             if cfg.qk_norm and name != "value":
                 x = layers.rms_norm(cfg, name[0] + "_norm", ("head_dim",))(x)
             return layers.constrain(x, ("act_batch", "act_len", "act_heads", None))
@@ -66,8 +76,13 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, h_BxLxD):
         cfg = self.cfg
-        gate_BxLxF = layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate", use_bias=False)(h_BxLxD)
-        up_BxLxF = layers.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up", use_bias=False)(h_BxLxD)
+        F = cfg.intermediate_size
+        if not self.is_initializing() and self.has_variable("params", "gate_up"):  # decoding form: quant.packed
+            gate_up = layers.dense(cfg, 2 * F, ("embed", "mlp"), "gate_up", use_bias=False)(h_BxLxD)
+            gate_BxLxF, up_BxLxF = gate_up[..., :F], gate_up[..., F:]
+        else:
+            gate_BxLxF = layers.dense(cfg, F, ("embed", "mlp"), "gate", use_bias=False)(h_BxLxD)
+            up_BxLxF = layers.dense(cfg, F, ("embed", "mlp"), "up", use_bias=False)(h_BxLxD)
         x_BxLxF = layers.constrain(layers.ACTIVATIONS[cfg.activation](gate_BxLxF) * up_BxLxF,
                                    ("act_batch", "act_len", "act_mlp"))
         return layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down", use_bias=False)(x_BxLxF)

@@ -14,8 +14,8 @@ native kernel on CPU, else XLA ops on the unpacked kernel.
 
 The tied word embedding / LM head: ``int8.quantize_tied_embedding`` stores one int8 table q (V, D) with one scale
 per row (vocab entry). The LM head is x @ q.T with per-output-channel scale = that row scale, so packing q.T gives the
-head's panels, and the embedding lookup gathers its rows back out of the same panels (``packed_rows``): one int8
-table serves both, as the float tie shares one float table.
+head's panels. The embedding lookup reads the table's float16 copy ('lookup') where the params have one, else it
+gathers int8 rows back out of the same panels (``packed_rows``).
 """
 
 from __future__ import annotations
@@ -105,15 +105,47 @@ def pack_params(qparams) -> dict:
             return {"packed": packed, "comp": comp, **rest}
         if _packable(tree, "embedding"):  # the tied table (V, D): the LM head's kernel is its transpose
             packed, comp = pack_kernel(np.asarray(tree["embedding"]).T)
-            return {"packed": packed, "comp": comp, "scale": tree["scale"]}
+            rest = {k: v for k, v in tree.items() if k != "embedding"}  # scale, and the float 'lookup' copy if any
+            return {"packed": packed, "comp": comp, **rest}
         return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
     return walk(qparams)
 
 
-def for_decoding(params, mode: str):
+FUSED = {"qkv": ("query", "key", "value"), "gate_up": ("gate", "up")}  # siblings that read the same input
+
+
+def _fusable(node) -> bool:
+    return (isinstance(node, dict) and set(node) <= {"kernel", "scale", "bias"} and "scale" in node
+            and getattr(node.get("kernel"), "dtype", None) == np.int8 and np.ndim(node["kernel"]) == 2)
+
+
+def fuse_projections(qparams) -> dict:
+    """qparams with sibling int8 Denses that read one input (attention query / key / value -> 'qkv', MLP gate / up
+    -> 'gate_up') concatenated along their outputs: one kernel call instead of three (two) per decode step, and a
+    wider one, which streams its weights faster (a 576 x 576 int8 GEMV reads ~13 GB/s here, 576 x 4608 ~32 GB/s).
+    Per-output-channel scales make the concatenation exact. Groups with an adapter or a float member stay apart.
+    The model (models.llama) splits the fused outputs back; pure, numpy."""
+    def walk(tree):
+        out = {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
+        for fused, parts in FUSED.items():
+            nodes = [out.get(p) for p in parts]
+            if not all(_fusable(n) for n in nodes) or len({frozenset(n) for n in nodes}) != 1:
+                continue
+            if len({np.shape(n["kernel"])[0] for n in nodes}) != 1:
+                continue
+            out[fused] = {k: np.concatenate([np.asarray(n[k]) for n in nodes], axis=-1) for k in nodes[0]}
+            for p in parts:
+                del out[p]
+        return out
+
+    return walk(qparams)
+
+
+def for_decoding(params, mode: str, fuse: bool = False):
     """params as a decode step of a model with quant ``mode`` should read them: packed (``pack_params``) for w8 and
-    w8a8 where the native kernel runs (CPU backend, quant.kernel.available()), else unchanged."""
+    w8a8 where the native kernel runs (CPU backend, quant.kernel.available()), else unchanged. fuse: sibling
+    projections concatenated first (``fuse_projections``; for models that read 'qkv' / 'gate_up': models.llama)."""
     if mode in MODES and jax.default_backend() == "cpu" and kernel.available():
-        return pack_params(params)
+        return pack_params(fuse_projections(params) if fuse else params)
     return params

@@ -13,12 +13,13 @@ def _nbytes(x) -> int:
 
 def size_report(params, qparams) -> dict:
     """Bytes before / after for the whole tree and for the quantized layers (Dense kernel -> int8 kernel + scale; a
-    tied word table -> int8 rows + scale)."""
+    tied word table -> int8 rows + scale + its float16 lookup copy)."""
     before, after = flatten(params), flatten(qparams)
     quantized = [p[: -len("/scale")] for p in after if p.endswith("/scale") and p not in before]
     weight = {p: f"{p}/kernel" if f"{p}/kernel" in after else f"{p}/embedding" for p in quantized}
     q_before = sum(_nbytes(before[weight[p]]) for p in quantized)
-    q_after = sum(_nbytes(after[weight[p]]) + _nbytes(after[f"{p}/scale"]) for p in quantized)
+    extra = lambda p: _nbytes(after[f"{p}/lookup"]) if f"{p}/lookup" in after else 0  # noqa: E731  (a table's float copy)
+    q_after = sum(_nbytes(after[weight[p]]) + _nbytes(after[f"{p}/scale"]) + extra(p) for p in quantized)
     total_before = sum(_nbytes(v) for v in before.values())
     total_after = sum(_nbytes(v) for v in after.values())
     return {
