@@ -115,12 +115,12 @@ def cpu(monkeypatch):
     """Pretend to be x86-64 Linux with a compiler and the given /proc/cpuinfo flags."""
     monkeypatch.setattr(kernel.platform, "system", lambda: "Linux")
     monkeypatch.setattr(kernel.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(kernel, "_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(kernel, "compiler", lambda: "/usr/bin/g++")
     monkeypatch.setattr(kernel, "NOT_DEFAULT", {})
     monkeypatch.delenv(kernel.ENV, raising=False)
 
     def set_flags(*flags):
-        monkeypatch.setattr(kernel, "_cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(kernel, "cpu_flags", lambda: frozenset(flags))
 
     return set_flags
 

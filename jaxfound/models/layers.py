@@ -299,12 +299,11 @@ class SelfAttention(nn.Module):
             return constrain(x, ("act_batch", "act_len", "act_heads", None))
         q_BxQxNxH = heads("query", h_query_BxQxD)
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
-        if cache is not None:
-            cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
-        if cache is not None and index_B is not None:
-            mask = kv_cache.visible(kv_cache.positions(index_B, L), cache["k"].shape[2])
-            out_BxQxNxH = kv_cache.attend(q_BxQxNxH, cache, mask)
+        if cache is not None and index_B is not None:  # a step over a filled cache
+            out_BxQxNxH, cache = kv_cache.update_and_attend(q_BxQxNxH, cache, k_BxLxNxH, v_BxLxNxH, index_B)
         else:  # no cache, or a fresh one's prefill (index_B None): the new tokens attend among themselves
+            if cache is not None:
+                cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
             out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal, impl=cfg.attention)
         out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))
         return out_BxQxD if cache is None else (out_BxQxD, cache)

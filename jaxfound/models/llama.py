@@ -56,12 +56,12 @@ class LlamaAttention(nn.Module):
         q_BxLxNxH = layers.apply_rope(project("query", N), positions_BxL, inv_freq)
         k_BxLxKxH = layers.apply_rope(project("key", K), positions_BxL, inv_freq)
         v_BxLxKxH = project("value", K)
-        if cache is not None:
-            cache = kv_cache.write(cache, k_BxLxKxH, v_BxLxKxH, index_B)
-        if cache is not None and index_B is not None:
-            mask = kv_cache.visible(positions_BxL, cache["k"].shape[2], cfg.sliding_window)
-            out_BxLxNxH = kv_cache.attend(q_BxLxNxH, cache, mask)
+        if cache is not None and index_B is not None:  # a step over a filled cache
+            out_BxLxNxH, cache = kv_cache.update_and_attend(q_BxLxNxH, cache, k_BxLxKxH, v_BxLxKxH, index_B,
+                                                            cfg.sliding_window)
         else:  # training, or a fresh cache's prefill: the new tokens attend among themselves
+            if cache is not None:
+                cache = kv_cache.write(cache, k_BxLxKxH, v_BxLxKxH, index_B)
             # the mask already holds causal order and the window; they are repeated for kernels that need them
             out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, True, impl=cfg.attention,
                                            window=cfg.sliding_window)

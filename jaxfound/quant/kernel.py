@@ -93,7 +93,7 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -104,7 +104,7 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
 
@@ -112,10 +112,10 @@ def why_unsupported(name: str) -> str | None:
     """Why this machine cannot run path ``name`` (None: it can, given that the build succeeds)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
-    missing = [f for f in PATHS[name].cpu_flags if f not in _cpu_flags()]
+    missing = [f for f in PATHS[name].cpu_flags if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    if not _compiler():
+    if not compiler():
         return "no C++ compiler found (set $CXX or install g++)"
     return None
 
@@ -139,27 +139,33 @@ def choose() -> tuple[str | None, str]:
     return None, "; ".join(skipped)
 
 
-def build(name: str) -> Path:
-    """Compile path ``name`` (once per source / jaxlib / flags / compiler) and return the shared library."""
-    kp = PATHS[name]
-    cxx = _compiler()
-    flags = [*COMMON_FLAGS, *kp.flags]
+def compile_library(source: Path, flags: tuple[str, ...], what: str) -> Path:
+    """Compile a native FFI source into a shared library in cache_dir()/kernels (once per source / jaxlib / flags /
+    compiler) and return its path. Raises RuntimeError with the compiler's message when the build fails."""
+    cxx = compiler()
+    flags = [*COMMON_FLAGS, *flags]
     key = hashlib.sha256(
-        kp.source.read_bytes() + jaxlib.__version__.encode() + " ".join(flags).encode() + str(cxx).encode()
+        source.read_bytes() + jaxlib.__version__.encode() + " ".join(flags).encode() + str(cxx).encode()
     ).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"{kp.source.stem}-{key}.so"
+    lib = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(kp.source), "-o", str(out)]
-        log.info("building the int8 %s kernel: %s", name, " ".join(cmd))
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+        log.info("building the %s: %s", what, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, lib)  # atomic: concurrent builders race harmlessly
     return lib
+
+
+def build(name: str) -> Path:
+    """Compile path ``name`` (once per source / jaxlib / flags / compiler) and return the shared library."""
+    kp = PATHS[name]
+    return compile_library(kp.source, kp.flags, f"int8 {name} kernel")
 
 
 def load(name: str):
