@@ -87,8 +87,9 @@ def attend(q_BxQxNxH, layer_cache: dict, mask_Bx1xQxS):
     logits = jnp.einsum("bkgqh,bksh->bkgqs", q_BxKxGxQxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     logits = jnp.where(mask_Bx1xQxS[:, :, None], logits, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
     probs = jax.nn.softmax(logits, axis=-1)
-    if Q == 1:  # a decode step: as a dot, XLA:CPU re-lays the value cache out for it, four copies of it per step;
-        # as a multiply-reduce it reads the cache where it is (SmolLM2 attention at batch 1: 1.7x faster)
+    if Q == 1 and jax.default_backend() == "cpu":  # a decode step on XLA:CPU (where update_and_attend's native
+        # kernel does not run): as a dot, XLA:CPU re-lays the value cache out for it, four copies of it per step; as
+        # a multiply-reduce it reads the cache where it is (SmolLM2 attention at batch 1: 1.7x faster)
         out_BxKxGxQxH = jnp.sum(probs[..., None] * v_BxKxSxH[:, :, None, None].astype(jnp.float32), axis=-2)
         out_BxKxGxQxH = out_BxKxGxQxH.astype(v_BxKxSxH.dtype)
     else:
