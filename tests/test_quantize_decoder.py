@@ -67,8 +67,9 @@ def test_quantize_cli_reports_held_out_loss_for_a_decoder(tiny_llama, tmp_path, 
 
 
 def test_int8_smollm2_greedy_agrees_with_float32(smollm2_gguf):
-    """Greedy answers of SmolLM2 with w8a8 weights and the tied int8 word table (quantized in memory as quantize_run
-    writes them: tested above; packed for the native kernel by generate) vs float32 (the GGUF's weights dequantized),
+    """Greedy answers of SmolLM2 with w8a8 weights and the tied int8 head with its float16 lookup copy (quantized
+    as quantize_run writes them: tested above; packed for the native kernel by generate) vs float32 (the GGUF's
+    weights dequantized),
     token by token up to the first divergence; where a row diverges, float32 itself was nearly tied there."""
     f = runs.open_run(smollm2_gguf)
     q_model = build_model(dataclasses.replace(f.config.model, quant="w8a8"), "lm")
@@ -91,7 +92,7 @@ def test_int8_smollm2_greedy_agrees_with_float32(smollm2_gguf):
                                                    jnp.asarray([c + [0] * (width - len(c)) for c in diverged])))
         top2 = np.sort(logits[np.arange(len(diverged)), [len(c) - 1 for c in diverged]], axis=-1)[:, -2:]
         gaps = (top2[:, 1] - top2[:, 0]).tolist()
-    print(f"w8a8 + int8 table vs float32 greedy: {same}/{total} tokens before the first divergence; float32 top-2 "
+    print(f"w8a8 + int8 head vs float32 greedy: {same}/{total} tokens before the first divergence; float32 top-2 "
           f"gaps at divergences {gaps}; answers {a.texts} vs {b.texts}")
     assert same / total >= 0.5
     assert all(g < 1.0 for g in gaps)  # int8 error flips only near-ties of float32
