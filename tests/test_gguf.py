@@ -281,3 +281,40 @@ def test_tensor_type_without_dequantize_names_tensor_and_type(tmp_path):
     file = write_gguf(tmp_path / "ints.gguf", "llama", TINY, tensors, permute=True)
     with pytest.raises(JaxfoundError, match=r"ints\.gguf: tensor blk\.0\.ffn_norm\.weight has type I32"):
         read_gguf(file)
+
+
+@pytest.mark.parametrize("arch, model_class", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def test_int8_params_streamed_from_a_q8_0_gguf_equal_quantizing_its_float_params(tmp_path, arch, model_class):
+    from jaxfound.interop.hf import from_pretrained
+    from jaxfound.quant.checkpoint import flatten
+    from jaxfound.quant.int8 import quantize, quantize_tied_embedding
+    from jaxfound.quant.stream import int8_from_pretrained
+
+    config = TINY | dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True)
+    tensors = tensors_of(tiny_model(model_class, **config))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    quantized = {k: v for k, v in tensors.items() if v.ndim == 2}  # every matrix as llama.cpp's Q8_0 blocks
+
+    class Q8Writer(gguf.GGUFWriter):
+        def add_tensor(self, name, tensor, *args, **kwargs):
+            if tensor.ndim == 2 and tensor.dtype == np.float32:
+                return super().add_tensor(name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)
+            return super().add_tensor(name, tensor, *args, **kwargs)
+
+    original, gguf.GGUFWriter = gguf.GGUFWriter, Q8Writer
+    try:
+        file = write_gguf(tmp_path / f"q8-{arch}.gguf", arch, config, tensors, permute=arch == "llama")
+    finally:
+        gguf.GGUFWriter = original
+    reader = gguf.GGUFReader(file)
+    assert sum(t.tensor_type == q8 for t in reader.tensors) == len(quantized)
+    _, params = from_pretrained(file)  # the float route: every tensor dequantized, then quantized
+    want = flatten(quantize_tied_embedding(quantize(params), "llama"))  # Qwen2 is a jaxfound Llama
+    _, streamed = int8_from_pretrained(file)  # one tensor at a time
+    got = flatten(streamed)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+    assert got["llama/word/embedding"].dtype == np.int8 and got["llama/word/lookup"].dtype == np.float16
+    assert got["llama/layer_0/attention/query/kernel"].dtype == np.int8

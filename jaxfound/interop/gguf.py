@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -72,7 +73,7 @@ class GGUFModel:
     """A GGUF model in transformers terms."""
 
     config: dict  # a transformers config.json
-    tensors: dict[str, np.ndarray]  # float32, transformers names, torch layouts
+    tensors: Mapping[str, np.ndarray]  # float32, transformers names, torch layouts (a dict, or LazyTensors)
 
 
 # ---------------------------------------------------------------- reading
@@ -272,9 +273,40 @@ def hf_tensors(raw: dict[str, np.ndarray], config: dict, family: Family, file: P
     return tensors
 
 
-def read_gguf(path) -> GGUFModel:
-    """Read a Llama-family GGUF file: transformers config and float32 tensors in transformers names and layouts."""
+class LazyTensors(Mapping):
+    """A GGUF file's tensors in transformers names, each dequantized (and Q / K rows reordered) when it is read and
+    not kept: a consumer that converts tensor by tensor (quant.stream) never holds the whole model in float32."""
+
+    def __init__(self, reader: gguf.GGUFReader, config: dict, family: Family, file: Path):
+        heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+        self._file, self._heads, self._family = file, heads, family
+        self._tensors = {hf_name(t.name, family, file): t for t in reader.tensors if t.name != ROPE_FREQS}
+        missing = sorted(expected_names(config, family) - self._tensors.keys())
+        if missing:
+            raise JaxfoundError(f"{file}: {len(missing)} tensors of a {config['num_hidden_layers']}-layer "
+                                f"{family.architecture} are missing, e.g. {missing[:3]} (transformers names)")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        w = dequantized(t, self._file)
+        part = t.name.split(".")[-2]
+        return unpermute_qk(w, self._heads[part]) if self._family.permuted_qk and part in self._heads else w
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def read_gguf(path, lazy: bool = False) -> GGUFModel:
+    """Read a Llama-family GGUF file: transformers config and float32 tensors in transformers names and layouts.
+    lazy: the tensors as a ``LazyTensors`` mapping (each dequantized when read, none kept)."""
     file = _gguf_file(path)
+    if lazy:
+        config = read_gguf_config(file)
+        return GGUFModel(config=config, tensors=LazyTensors(_open(file), config, family_of(
+            scalar_metadata(_open(file)), file), file))
     reader = _open(file)
     meta = scalar_metadata(reader)
     family = family_of(meta, file)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -475,25 +476,29 @@ def _torch_shape(expect: list[tuple], kind: str) -> tuple:
     return expect[0][::-1] if kind == "T" else expect[0]
 
 
-def params_from_weights(info: HFConfig, raw: dict[str, np.ndarray], source: str) -> tuple[nn.Module, dict]:
+def params_from_weights(info: HFConfig, raw: Mapping[str, np.ndarray], source: str,
+                        convert: Callable | None = None) -> tuple[nn.Module, dict]:
     """(model, params) from transformers-named tensors (torch layouts) and what their config means.
 
-    source: where the tensors came from, named in every error.
+    source: where the tensors came from, named in every error. raw is read one tensor at a time, each once (a lazy
+    mapping, gguf.LazyTensors, then never holds the model in float32). convert(path, array) -> {name: array} | None:
+    what to store in place of param ``path`` (a tuple) in its parent, e.g. an int8 kernel and its scale
+    (quant.stream); None stores the array.
     """
     cfg, head = info.model, info.head
     model = build_model(cfg, head)
     shapes = nn.unbox(abstract_params(model))
-    state, stored_name = {}, {}
-    for name, arr in raw.items():
-        state.setdefault(_normalise(name, cfg.arch), arr)
+    stored_name = {}  # normalised name -> the name in raw (the first one, where names normalise alike)
+    for name in raw:  # names only: a lazy mapping reads a tensor when it is looked up
         stored_name.setdefault(_normalise(name, cfg.arch), name)
+    state = stored_name
     params, missing, used = {}, [], set()
     for hf_name, ours, kind in _entries(cfg, head, CLASS_MODEL_TYPE[info.architecture]):
         if hf_name not in state:
             missing.append(hf_name)
             continue
         used.add(hf_name)
-        arr = np.asarray(state[hf_name], dtype=np.float32)
+        arr = np.asarray(raw[state[hf_name]], dtype=np.float32)
         expect = _expected_shapes(shapes, ours, kind)
         parts = _to_ours(arr, kind) if kind != "split3" or arr.shape[-1] % 3 == 0 else [arr]
         if [p.shape for p in parts] != expect:
@@ -508,16 +513,23 @@ def params_from_weights(info: HFConfig, raw: dict[str, np.ndarray], source: str)
                                     "such bias (its Llama's attention_bias covers query / key / value only)")
             continue
         for p, part in zip(ours, parts):
-            _set(params, p, jnp.asarray(part))
+            converted = convert(p, part) if convert is not None else None
+            if converted is None:
+                _set(params, p, jnp.asarray(part))
+            for name, value in (converted or {}).items():
+                _set(params, (*p[:-1], name), value)
+        del arr, parts
     if missing:
         raise JaxfoundError(f"{source}: {len(missing)} weights needed for {info.architecture} (head {head!r}) are "
                             f"missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
     if cfg.arch in ("gpt", "llama") and head == "seq_cls":
         _set(params, ("classifier", "bias"), jnp.zeros((cfg.num_labels,), jnp.float32))
     tied = cfg.arch != "llama" or cfg.tie_embeddings
-    word = state[WORD_EMBEDDING[cfg.arch]]
-    for copy in TIED_COPIES if tied else ():
-        if copy in state and (state[copy].shape != word.shape or not np.allclose(state[copy], word)):
+    copies = [c for c in TIED_COPIES if tied and c in state]
+    word = raw[state[WORD_EMBEDDING[cfg.arch]]] if copies else None
+    for copy in copies:
+        other = raw[state[copy]]
+        if other.shape != word.shape or not np.allclose(other, word):
             raise JaxfoundError(f"{source}: '{copy}' differs from the word embeddings; this config ties the output "
                                 "weights to them (tie_word_embeddings)")
     unexpected = sorted(k for k in state if k not in used and not (tied and k in TIED_COPIES)
@@ -528,18 +540,20 @@ def params_from_weights(info: HFConfig, raw: dict[str, np.ndarray], source: str)
     return model, params
 
 
-def from_pretrained(path, head: str | None = None):
+def from_pretrained(path, head: str | None = None, convert: Callable | None = None):
     """(model, params) for a local transformers directory or a .gguf file; ``model.apply`` returns what the
     transformers class does.
 
     head: 'none', 'mlm' / 'lm', 'token_cls', 'seq_cls'; None takes it from config.json "architectures".
-    Label names: ``load_hf_config(path).id2label``.
+    Label names: ``load_hf_config(path).id2label``. convert: see ``params_from_weights``; with it a GGUF file is
+    read one tensor at a time (quant.stream.int8_from_pretrained: int8 params with one float tensor alive at a time).
     """
     path = Path(path)
     if _is_gguf(path):
-        gguf = read_gguf(path)
-        return params_from_weights(hf_config_from_dict(gguf.config, str(path), head), gguf.tensors, str(path))
-    return params_from_weights(load_hf_config(path, head), read_weights(path), str(weights_file(path)))
+        gguf = read_gguf(path, lazy=convert is not None)
+        return params_from_weights(hf_config_from_dict(gguf.config, str(path), head), gguf.tensors, str(path),
+                                   convert)
+    return params_from_weights(load_hf_config(path, head), read_weights(path), str(weights_file(path)), convert)
 
 
 # ---------------------------------------------------------------- save
