@@ -286,9 +286,9 @@ def test_tensor_type_without_dequantize_names_tensor_and_type(tmp_path):
 @pytest.mark.parametrize("arch, model_class", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 def test_int8_params_streamed_from_a_q8_0_gguf_equal_quantizing_its_float_params(tmp_path, arch, model_class):
     from jaxfound.interop.hf import from_pretrained
+    from jaxfound.interop.int8_import import int8_from_pretrained
     from jaxfound.quant.checkpoint import flatten
     from jaxfound.quant.int8 import quantize, quantize_tied_embedding
-    from jaxfound.quant.stream import int8_from_pretrained
 
     config = TINY | dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
                          tie_word_embeddings=True)

@@ -275,7 +275,7 @@ def hf_tensors(raw: dict[str, np.ndarray], config: dict, family: Family, file: P
 
 class LazyTensors(Mapping):
     """A GGUF file's tensors in transformers names, each dequantized (and Q / K rows reordered) when it is read and
-    not kept: a consumer that converts tensor by tensor (quant.stream) never holds the whole model in float32."""
+    not kept: a consumer that converts tensor by tensor (interop.int8_import) never holds the whole model in float32."""
 
     def __init__(self, reader: gguf.GGUFReader, config: dict, family: Family, file: Path):
         heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}

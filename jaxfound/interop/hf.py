@@ -483,7 +483,7 @@ def params_from_weights(info: HFConfig, raw: Mapping[str, np.ndarray], source: s
     source: where the tensors came from, named in every error. raw is read one tensor at a time, each once (a lazy
     mapping, gguf.LazyTensors, then never holds the model in float32). convert(path, array) -> {name: array} | None:
     what to store in place of param ``path`` (a tuple) in its parent, e.g. an int8 kernel and its scale
-    (quant.stream); None stores the array.
+    (interop.int8_import); None stores the array.
     """
     cfg, head = info.model, info.head
     model = build_model(cfg, head)
@@ -546,7 +546,7 @@ def from_pretrained(path, head: str | None = None, convert: Callable | None = No
 
     head: 'none', 'mlm' / 'lm', 'token_cls', 'seq_cls'; None takes it from config.json "architectures".
     Label names: ``load_hf_config(path).id2label``. convert: see ``params_from_weights``; with it a GGUF file is
-    read one tensor at a time (quant.stream.int8_from_pretrained: int8 params with one float tensor alive at a time).
+    read one tensor at a time (interop.int8_import.int8_from_pretrained: int8 params, one float tensor alive).
     """
     path = Path(path)
     if _is_gguf(path):
