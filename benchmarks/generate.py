@@ -16,7 +16,10 @@ that time), decode tokens/s (the tokens after each row's first over the rest of 
 compile time of its prefill + decode steps, apart (it is paid once per shape, before any request). The sides run in
 alternation, --rounds times, so they share the machine's noise, each timed call after half a second idle (torch's
 OpenMP workers spin for a while after a call and would slow whatever runs next); the best round of each is reported.
-Greedy tokens of the two sides are compared (the first position they differ, if any).
+Greedy tokens of the two sides are compared (the first position they differ, if any). Weight MB / token: the bytes of
+weights one decode step reads (jaxfound: its params as the decode step takes them, packed int8 + scales + norms, the
+float16 lookup copy left out since a step reads one row of it; transformers: its parameters; llama.cpp: the GGUF's
+tensors) over the batch.
 
 int8 sides (--quant): the same fp32 params quantized in memory as `jaxfound quantize` does (quant.int8.quantize,
 default rules: every Dense kernel of the blocks; quantize_tied_embedding: the tied embedding / LM head as one int8
@@ -39,6 +42,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -139,6 +144,20 @@ def time_jaxfound(model, params, prompt_ids, new_tokens: int):
             "decode_tok_s": result.decode_tokens_per_second, "tokens": result.tokens}
 
 
+def weight_bytes(tree) -> int:
+    """Bytes of the weights a decode step reads: every leaf of the params in their decoding form except the tied
+    table's float16 lookup copy, of which a step reads one row per token."""
+    return sum(weight_bytes(v) if isinstance(v, dict) else int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+               for k, v in tree.items() if k != "lookup")
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """Bytes of a GGUF file's tensors (llama.cpp's Q4_1 blocks, the tied embedding once: it is also the head)."""
+    import gguf as gguf_lib
+
+    return int(sum(t.n_bytes for t in gguf_lib.GGUFReader(path).tensors))
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
@@ -221,6 +240,10 @@ def main(argv=None) -> dict:
     for mode in args.quant:
         sides[f"jaxfound {mode}"] = (build_model(dataclasses.replace(model.cfg, quant=mode), "lm"),
                                      quantize_tied_embedding(quantize(params), "llama"))
+    from jaxfound.generation import decoding_params
+
+    step_bytes = {name: weight_bytes(decoding_params(m, p)) for name, (m, p) in sides.items()}
+    step_bytes["transformers"] = sum(t.numel() * t.element_size() for t in reference.parameters())
     rows = []
     for B in args.batches:
         prompt_ids = prompts(tokenizer, B, args.prompt_tokens)
@@ -242,6 +265,7 @@ def main(argv=None) -> dict:
                "jaxfound_compile_s": compile_s, "greedy_first_difference": diffs}
         for side in runs:
             row[side] = {"decode_tok_s": best[side]["decode_tok_s"], "time_to_first_token_s": best_ttft[side],
+                         "weight_bytes_per_token": step_bytes[side] / B,
                          "prefill_tok_s": B * args.prompt_tokens / best_ttft[side],
                          "rounds_decode_tok_s": [x["decode_tok_s"] for x in runs[side]],
                          "rounds_time_to_first_token_s": [x["time_to_first_token_s"] for x in runs[side]]}
@@ -261,7 +285,8 @@ def main(argv=None) -> dict:
         fastest = max(got["speed"], key=lambda x: x["decode_tok_s"])
         llama = {"decode_tok_s": fastest["decode_tok_s"],
                  "prefill_tok_s": args.prompt_tokens / min(x["prefill_s"] for x in got["speed"]),
-                 "rounds_decode_tok_s": [x["decode_tok_s"] for x in got["speed"]], "quant": "Q4_1 (the GGUF's own)"}
+                 "rounds_decode_tok_s": [x["decode_tok_s"] for x in got["speed"]], "quant": "Q4_1 (the GGUF's own)",
+                 "weight_bytes_per_token": gguf_tensor_bytes(gguf)}
         quality["llama.cpp Q4_1"] = score_answers(got["answers"])
     report = {"model": gguf.name, "dtype": "float32 (int8 sides: quantized from it)", "threads": os.cpu_count(),
               "note": args.note, "load_average_at_end": os.getloadavg(),
@@ -275,8 +300,8 @@ def main(argv=None) -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = ("| batch | side | decode tok/s | prefill tok/s | time to first token | compile (s) |\n"
-            "|---|---|---|---|---|---|")
+    head = ("| batch | side | decode tok/s | prefill tok/s | time to first token | compile (s) | weight MB / token |\n"
+            "|---|---|---|---|---|---|---|")
     lines = [head]
     llama = report.get("llama_cpp_batch1")
     for r in report["rows"]:
@@ -284,19 +309,21 @@ def format_table(report: dict) -> str:
         for side in sides:
             s = r[side]
             compile_s = f"{r['jaxfound_compile_s'][side]:.1f}" if side in r["jaxfound_compile_s"] else "-"
+            mb = f"{s['weight_bytes_per_token'] / 1e6:.0f}" if "weight_bytes_per_token" in s else ""
             lines.append(f"| {r['batch']} | {side} | {s['decode_tok_s']:.1f} | {s['prefill_tok_s']:.0f} | "
-                         f"{s['time_to_first_token_s'] * 1e3:.0f} ms | {compile_s} |")
+                         f"{s['time_to_first_token_s'] * 1e3:.0f} ms | {compile_s} | {mb} |")
         if llama:
             note = "" if r["batch"] == 1 else " (one sequence at a time)"
+            mb = f"{llama['weight_bytes_per_token'] / 1e6:.0f}" if "weight_bytes_per_token" in llama else ""
             lines.append(f"| {r['batch']} | llama.cpp Q4_1{note} | {llama['decode_tok_s']:.1f} | "
-                         f"{llama['prefill_tok_s']:.0f} | | - |")
+                         f"{llama['prefill_tok_s']:.0f} | | - | {mb} |")
         target = f" (target {r['decode_target']}x)" if r["decode_target"] else ""
         lines.append(f"| {r['batch']} | jaxfound fp32 / transformers | {r['decode_ratio']:.2f}x{target} | | "
-                     f"{r['ttft_ratio']:.2f}x (target <= 1) | |")
+                     f"{r['ttft_ratio']:.2f}x (target <= 1) | | |")
         for side in sides:
             if side.startswith("jaxfound ") and llama:
                 lines.append(f"| {r['batch']} | {side} / llama.cpp | "
-                             f"{r[side]['decode_tok_s'] / llama['decode_tok_s']:.2f}x | | | |")
+                             f"{r[side]['decode_tok_s'] / llama['decode_tok_s']:.2f}x | | | | |")
     lines.append("\n| side | answers right (of 8) |\n|---|---|")
     for side, q in report.get("quality", {}).items():
         lines.append(f"| {side} | {q['correct']} |")
