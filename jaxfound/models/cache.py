@@ -112,7 +112,8 @@ def update_and_attend(q_BxQxNxH, layer_cache: dict, k_BxQxKxH, v_BxQxKxH, index_
 
     args = (q_BxQxNxH, layer_cache["k"], layer_cache["v"], k_BxQxKxH, v_BxQxKxH, index_B)
     mesh = current_activation_mesh()
-    if (mesh is None or mesh.size == 1) and layer_cache["k"].dtype == jnp.float32 and native.available():
+    if (jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1) and layer_cache["k"].dtype == jnp.float32
+            and native.available()):
         out, k, v = lax.platform_dependent(*args, cpu=cpu, default=xla)
     else:
         out, k, v = xla(*args)
