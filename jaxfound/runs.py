@@ -85,7 +85,7 @@ def kind_of(path: str | Path) -> str:
     raise JaxfoundError(f"{path}: a jaxfound config.json but no params (best/, checkpoints/ or {QUANT_META})")
 
 
-def open_run(path: str | Path, head: str | None = None, adapters: bool = False) -> Run:
+def open_run(path: str | Path, head: str | None = None, adapters: bool = False, convert=None) -> Run:
     """Any model directory jaxfound reads, opened the same way; head: a transformers dir's head (default: its own,
     'none': the trunk alone).
 
@@ -96,8 +96,8 @@ def open_run(path: str | Path, head: str | None = None, adapters: bool = False) 
     reader (inference, KV-cache decoding, merging, quantizing, export) sees one layout; fine-tuning stacks again."""
     p = Path(path)
     kind = kind_of(p)
-    if kind in ("transformers", "gguf"):
-        return _open_transformers(p, head)
+    if kind in ("transformers", "gguf"):  # convert: interop.hf.params_from_weights's per-tensor hook
+        return _open_transformers(p, head, convert)
     if kind == "adapter":
         return _open_adapter(p, head, adapters)
     cfg = from_dict(read_config(p), source=str(p / "config.json"))
@@ -114,10 +114,10 @@ def open_run(path: str | Path, head: str | None = None, adapters: bool = False) 
     return Run(p, kind, cfg, task, build_model(cfg.model, task.head), params, tokenizer, read_labels(p))
 
 
-def _open_transformers(p: Path, head: str | None) -> Run:
+def _open_transformers(p: Path, head: str | None, convert=None) -> Run:
     """A transformers directory, or a GGUF file (its tokenizer and chat template come from its metadata)."""
     info = load_hf_config(p, head)
-    model, params = from_pretrained(p, head)
+    model, params = from_pretrained(p, head, convert=convert)
     labels = [info.id2label[i] for i in range(len(info.id2label))] if info.id2label else None
     if p.suffix.lower() == ".gguf":
         tokenizer, kind = gguf_tokenizer(p), "gguf"

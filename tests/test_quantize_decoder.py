@@ -16,6 +16,7 @@ from jaxfound.cli import main
 from jaxfound.errors import JaxfoundError
 from jaxfound.generation import encode_prompts, generate_text
 from jaxfound.models import build_model
+from jaxfound.quant.checkpoint import flatten
 from jaxfound.quant.int8 import quantize, quantize_tied_embedding
 from tests.test_sft import tiny_llama_dir
 
@@ -105,6 +106,15 @@ def test_tied_decoder_quantizes_its_table_and_generates_from_the_cli(smollm2_tok
     word = run.params["llama"]["word"]  # one int8 table, one scale per vocab entry: lookup and LM head
     assert "lm_head" not in run.params and word["embedding"].dtype == jnp.int8
     assert word["scale"].shape == (len(smollm2_tokenizer),)
+    # a transformers dir without --eval is read straight into int8, tensor by tensor: the same params as
+    # quantizing the float model
+    float_params = runs.open_run(base).params
+    want = flatten(quantize_tied_embedding(quantize(float_params), "llama"))
+    got = flatten(run.params)
+    assert sorted(got) == sorted(want) and all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["read"] == "one tensor at a time"
+    assert report["bytes_before"] == sum(np.asarray(v).nbytes for v in flatten(float_params).values())
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "the river", "--max-new-tokens", "4"]) == 0
     ref = generate_text(run.model, run.params, run.tokenizer, ["the river"], max_new_tokens=4)

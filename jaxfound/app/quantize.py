@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -24,8 +25,10 @@ from jaxfound import runs
 from jaxfound.app import registry
 from jaxfound.app.evaluate import open_labelled, predictor_for
 from jaxfound.errors import JaxfoundError
+from jaxfound.interop.hf import load_hf_config
+from jaxfound.interop.int8_import import int8_converter
 from jaxfound.losses import clm_loss
-from jaxfound.models import build_model
+from jaxfound.models import abstract_params, build_model
 from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE
 from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize, quantize_tied_embedding
 from jaxfound.quant.report import size_report
@@ -130,6 +133,10 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
     checkpoint, out = Path(checkpoint), Path(out)
     _check_args(checkpoint, mode, out, eval_file, rounds)
     rules = check_rules(DEFAULT_RULES if rules is None else rules)
+    if eval_file is None and runs.kind_of(checkpoint) in ("transformers", "gguf"):
+        info = load_hf_config(checkpoint)
+        if info.head == "lm":  # an imported decoder, nothing to compare: read straight into int8
+            return _quantize_imported_decoder(checkpoint, info.model, mode, out, rules)
     run = runs.require_float(runs.open_run(checkpoint), "quantize")
     if run.model.head == "lm":
         return _quantize_decoder(run, checkpoint, mode, out, eval_file, rules, rounds)
@@ -171,6 +178,23 @@ def _quantize_decoder(run, checkpoint: Path, mode: str, out: Path, eval_file, ru
     if eval_file is not None:
         qmodel = build_model(dataclasses.replace(run.config.model, quant=mode), "lm")
         report |= compare_decoder(run, qmodel, jax.device_put(qparams), eval_file, rounds)
+    runs.write_json(out / REPORT_FILE, report)
+    return report
+
+
+def _quantize_imported_decoder(checkpoint: Path, cfg, mode: str, out: Path, rules) -> dict:
+    """``_quantize_decoder`` for a transformers dir or GGUF file without an eval file: the weights are read one
+    tensor at a time into int8 (interop.int8_import: the same params as quantizing the float model, without a float32
+    copy of it); the float sizes come from the model's shapes."""
+    tied = cfg.arch == "gpt" or cfg.tie_embeddings
+    run = runs.open_run(checkpoint, convert=int8_converter(cfg.arch, tied, rules))
+    float_shapes = nn.unbox(abstract_params(run.model))
+    report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
+              **size_report(float_shapes, run.params), "rules": [dataclasses.asdict(r) for r in rules],
+              "metric_name": "next_token_loss", "metric_before": None, "metric_after": None,
+              "tokens_per_s_before": None, "tokens_per_s_after": None, "read": "one tensor at a time"}
+    runs.write_run(out, runs.config_for(run, quant=mode), run.params, tokenizer=run.tokenizer,
+                   quant={"mode": mode, "source": str(checkpoint.resolve()), "rules": rules})
     runs.write_json(out / REPORT_FILE, report)
     return report
 

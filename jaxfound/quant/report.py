@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxfound.quant.checkpoint import flatten
+
+def _leaves(tree, prefix="") -> dict:
+    """'/'-joined path -> leaf (arrays, or shape / dtype structs: only shapes and dtypes are read)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        out.update(_leaves(value, path) if isinstance(value, dict) else {path: value})
+    return out
 
 
 def _nbytes(x) -> int:
@@ -13,8 +20,9 @@ def _nbytes(x) -> int:
 
 def size_report(params, qparams) -> dict:
     """Bytes before / after for the whole tree and for the quantized layers (Dense kernel -> int8 kernel + scale; a
-    tied word table -> int8 rows + scale + its float16 lookup copy)."""
-    before, after = flatten(params), flatten(qparams)
+    tied word table -> int8 rows + scale + its float16 lookup copy). params may be shapes alone (ShapeDtypeStruct
+    leaves, e.g. models.abstract_params: a model read straight into int8 is never held in float)."""
+    before, after = _leaves(params), _leaves(qparams)
     quantized = [p[: -len("/scale")] for p in after if p.endswith("/scale") and p not in before]
     weight = {p: f"{p}/kernel" if f"{p}/kernel" in after else f"{p}/embedding" for p in quantized}
     q_before = sum(_nbytes(before[weight[p]]) for p in quantized)
