@@ -39,6 +39,8 @@ def test_linear_merge_of_adapters_is_exact_and_an_adapter_itself():
     p2 = lora.combine(lora.split(p1)[0], lora.split(p2)[1])  # the same base under both
     merged, cfg = linear_adapters([p1, p2], [c1, c2], weights=[0.7, 0.3])
     assert cfg.rank == 6 and merged["llama"]["layer_0"]["attention"]["query"]["lora_a"].shape == (32, 6)
+    # every leaf keeps its dtype (the float64 weights once widened base weights and B to float64)
+    assert {str(x.dtype) for x in jax.tree.leaves(merged)} == {str(x.dtype) for x in jax.tree.leaves(p1)}
     want = 0.7 * np.asarray(lora.fold(p1, 8.0)["llama"]["layer_1"]["mlp"]["down"]["kernel"]) + 0.3 * np.asarray(
         lora.fold(p2, 16.0)["llama"]["layer_1"]["mlp"]["down"]["kernel"])
     got = np.asarray(lora.fold(merged, cfg.alpha)["llama"]["layer_1"]["mlp"]["down"]["kernel"])

@@ -57,14 +57,17 @@ def linear_adapters(params: Sequence[Mapping], configs: Sequence[LoraConfig], we
     merged = {}
     for path in found[0]:
         a = np.concatenate([np.asarray(f[path]["lora_a"], np.float32) for f in found], axis=-1)
-        b = np.concatenate([np.asarray(f[path]["lora_b"], np.float32) * (w * c.alpha / c.rank)
+        b = np.concatenate([np.asarray(f[path]["lora_b"], np.float32) * np.float32(w * c.alpha / c.rank)
                             for f, c, w in zip(found, configs, weights)], axis=-2)
         node = merged
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = {"lora_a": a, "lora_b": b}  # alpha = rank: scale 1, the weights live in B
-    heads = jax.tree.map(lambda *xs: sum(w * np.asarray(x, np.float32) for w, x in zip(weights, xs)) / weights.sum(),
-                         *bases)
+    def average(*xs):  # in the leaves' own dtype (the float64 weights would otherwise widen them)
+        mean = sum(w * np.asarray(x, np.float32) for w, x in zip(weights, xs)) / weights.sum()
+        return mean.astype(np.asarray(xs[0]).dtype)
+
+    heads = jax.tree.map(average, *bases)
     cfg = LoraConfig(rank=rank, alpha=float(rank), dropout=configs[0].dropout, targets=configs[0].targets)
     return lora.combine(heads, merged), cfg
 
