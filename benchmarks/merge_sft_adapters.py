@@ -350,6 +350,18 @@ def run_benchmark(args, work: Path, model_path: Path) -> dict:
             "rows": rows, "wall_seconds": seconds}
 
 
+def portable(text: str, work: Path, adapters: str | None) -> str:
+    """The JSON text with this machine's scratch paths named by what they are: $WORK (--work) and $ADAPTERS_WORK
+    (the --work of the run that trained the reused --adapters, where they sit under one)."""
+    roots = {str(work.resolve()): "$WORK"}
+    for given in (adapters.split(",") if adapters else []):
+        run = Path(given).resolve()
+        roots.setdefault(str(run.parent.parent), "$ADAPTERS_WORK")  # W/<task>/run
+    for root, name in sorted(roots.items(), key=lambda kv: -len(kv[0])):  # longest first: /w/work2 before /w/work
+        text = text.replace(json.dumps(root)[1:-1] + "/", name + "/").replace(json.dumps(root), json.dumps(name))
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     model_path = Path(args.model) if args.model else smollm2_gguf()
@@ -361,7 +373,7 @@ def main(argv=None) -> int:
     out = {"benchmark": "merge_sft_adapters", "model": model_path.name, "settings": settings,
            "subset": f"first sentences of at most {args.max_words} words, in file order, per split", **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    Path(args.out).write_text(portable(json.dumps(out, indent=1), work, args.adapters) + "\n")
     d = result["data"]
     print(f"\nSmolLM2 LoRA-SFT adapters, CoNLL-2003 NER + POS as generation, merged: {d['train_sentences']} train "
           f"sentences per task (<= {args.max_words} words), {args.epochs} epoch(s); {d['test_sentences']} test "

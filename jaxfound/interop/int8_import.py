@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfound.interop.hf import from_pretrained, load_hf_config
-from jaxfound.quant.int8 import DEFAULT_RULES, check_rules, quantize_kernel
+from jaxfound.quant.int8 import DEFAULT_RULES, check_rules, quantize_kernel, quantize_table
 
 
 def int8_converter(arch: str, tied: bool, rules=DEFAULT_RULES) -> Callable:
@@ -36,10 +36,7 @@ def int8_converter(arch: str, tied: bool, rules=DEFAULT_RULES) -> Callable:
             q, scale = quantize_kernel(jnp.asarray(value))
             return {"kernel": np.asarray(q), "scale": np.asarray(scale)}
         if tied and path == (arch, "word", "embedding"):
-            table = jnp.asarray(value, jnp.float32)
-            q_DxV, scale_V = quantize_kernel(table.T)
-            lookup = table.astype(jnp.float16) if float(jnp.max(jnp.abs(table))) < 65504 else table
-            return {"embedding": np.asarray(q_DxV.T), "scale": np.asarray(scale_V), "lookup": np.asarray(lookup)}
+            return {k: np.asarray(v) for k, v in quantize_table(value).items()}
         return None
 
     return convert

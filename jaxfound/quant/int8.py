@@ -185,11 +185,16 @@ def quantize_tied_embedding(params, trunk: str):
     table = word.get("embedding")
     if getattr(table, "ndim", 0) != 2 or table.dtype == jnp.int8:
         raise JaxfoundError(f"params: {trunk}/word/embedding is not a float (vocab, hidden) table to quantize")
-    q_DxV, scale_V = quantize_kernel(jnp.asarray(table).T)
-    table = jnp.asarray(table, jnp.float32)
+    return {**params, trunk: {**params[trunk], "word": {**word, **quantize_table(table)}}}
+
+
+def quantize_table(table_VxD) -> dict:
+    """A tied word table as {embedding: int8 rows, scale: one per row, lookup: its float16 copy (float32 where an
+    entry exceeds float16's range)}: see quantize_tied_embedding."""
+    table = jnp.asarray(table_VxD, jnp.float32)
+    q_DxV, scale_V = quantize_kernel(table.T)
     lookup = table.astype(jnp.float16) if float(jnp.max(jnp.abs(table))) < 65504 else table
-    return {**params, trunk: {**params[trunk], "word": {**word, "embedding": q_DxV.T, "scale": scale_V,
-                                                          "lookup": lookup}}}
+    return {"embedding": q_DxV.T, "scale": scale_V, "lookup": lookup}
 
 
 def dequantize(qparams, dtype=jnp.float32):
