@@ -149,3 +149,129 @@ def test_recipe_merges_lora_runs_into_one_lora_run(registry_with_adapters, tmp_p
     recipe.write_text(recipe.read_text().replace("linear", "ties") + f"base_model: {registry_with_adapters['base']}\n")
     assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "t"), "--as-adapter"]) == 2
     assert "merge_method ties does not keep adapters low-rank" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- recipes over a GGUF base
+
+
+@pytest.fixture(scope="module")
+def gguf_lora_runs(tmp_path_factory):
+    """A tiny Llama GGUF, another one with one tensor changed, and two LoRA runs on the first (ranks 2 and 4, random
+    adapters on every linear layer), with the adapters' folded updates (alpha / r) A B by path, from numpy."""
+    from jaxfound import runs
+    from tests.test_gguf import TINY as GGUF_TINY
+    from tests.test_gguf import tensors_of, tiny_model, write_gguf
+
+    root = tmp_path_factory.mktemp("gguf_lora")
+    config = GGUF_TINY | {"tie_word_embeddings": True}
+    tensors = tensors_of(tiny_model("LlamaForCausalLM", tie_word_embeddings=True))
+    gguf_file = write_gguf(root / "tiny.gguf", "llama", config, tensors, permute=True)
+    tensors["model.layers.0.mlp.up_proj.weight"] += 1.0
+    other = write_gguf(root / "other.gguf", "llama", config, tensors, permute=True)
+    base = runs.open_run(gguf_file)
+    updates, rng = [], np.random.default_rng(0)
+    for i, (rank, alpha) in enumerate(((2, 4.0), (4, 16.0))):
+        cfg = LoraConfig(rank=rank, alpha=alpha)
+        model = build_model(dataclasses.replace(base.model.cfg, lora=cfg), "lm")
+        shapes = lora.split(nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))[1]
+        adapters = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
+        updates.append({path: (alpha / rank) * ab["lora_a"] @ ab["lora_b"]
+                        for path, ab in _adapter_dicts(adapters).items()})
+        runs.write_run(root / f"lora-{i}", runs.config_for(base, lora=cfg), lora.combine(base.params, adapters),
+                       tokenizer=base.tokenizer)
+    return {"root": root, "gguf": gguf_file, "other": other, "base": base, "updates": updates}
+
+
+def _adapter_dicts(tree, prefix=()):
+    """{path of a kernel: {'lora_a', 'lora_b'}} of an adapters tree."""
+    if "lora_a" in tree:
+        return {prefix + ("kernel",): tree}
+    return {k: v for key, sub in tree.items() for k, v in _adapter_dicts(sub, prefix + (key,)).items()}
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree)
+
+
+def _hand_merge(method, base, updates, weights, lam):
+    """The recipe's merge, by hand on every adapted kernel: task arithmetic base + lam * sum_i w_i tau_i; TIES at
+    density 1 base + lam * (sum of the w_i tau_i agreeing with the sign of their sum) / (sum of their w_i)."""
+    out = {}
+    for path in updates[0]:
+        weighted = np.stack([w * u[path] for w, u in zip(weights, updates)])
+        if method == "ties":
+            agree = np.sign(weighted) == np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+            divisor = (agree * np.asarray(weights)[:, None, None]).sum(0)
+            delta = (agree * weighted).sum(0) / np.where(divisor == 0, 1.0, divisor)
+        else:
+            delta = weighted.sum(0)
+        out[path] = _leaf(base, path) + lam * delta
+    return out
+
+
+def _write_recipe(path, method, models, base=None, parameters=None, weights=(0.7, 0.3)):
+    lines = [f"merge_method: {method}", "models:"]
+    lines += [f"  - {{model: {m}, parameters: {{weight: {w}}}}}" for m, w in zip(models, weights)]
+    lines += [f"base_model: {base}"] if base else []
+    lines += [f"parameters: {parameters}"] if parameters else []
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method, parameters", [("task_arithmetic", "{lambda: 0.5}"),
+                                                ("ties", "{density: 1.0, lambda: 0.5}"),
+                                                ("dare_linear", "{density: 1.0, lambda: 0.5}")])
+def test_recipe_with_a_gguf_base_merges_lora_runs_of_it(gguf_lora_runs, tmp_path, method, parameters):
+    """`jaxfound merge --recipe` with base_model a GGUF file (named relative to the recipe): the folded LoRA runs'
+    merge equals the hand computation on every adapted kernel, and every other weight is the GGUF's."""
+    from jaxfound import cli, runs
+
+    root, base = gguf_lora_runs["root"], gguf_lora_runs["base"].params
+    recipe = _write_recipe(root / f"{method}.yaml", method, [root / "lora-0", root / "lora-1"], base="tiny.gguf",
+                           parameters=parameters)
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "m")]) == 0
+    merged = runs.open_run(tmp_path / "m").params
+    # DARE at density 1 drops nothing: it is task arithmetic
+    want = _hand_merge("ties" if method == "ties" else "task_arithmetic", base, gguf_lora_runs["updates"],
+                       [0.7, 0.3], lam=0.5)
+    for path, w in want.items():
+        np.testing.assert_allclose(_leaf(merged, path), w, rtol=1e-5, atol=1e-5)
+    embedding = ("llama", "word", "embedding")
+    np.testing.assert_array_equal(_leaf(merged, embedding), _leaf(base, embedding))
+
+
+def test_recipe_names_a_missing_base_and_what_a_model_may_be(gguf_lora_runs, tmp_path, capsys):
+    from jaxfound import cli
+
+    root = gguf_lora_runs["root"]
+    recipe = _write_recipe(tmp_path / "r.yaml", "ties", [root / "lora-0", root / "lora-1"], base="missing.gguf")
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "base_model 'missing.gguf' is not a jaxfound run dir" in err and "a GGUF file (.gguf)" in err
+    recipe = _write_recipe(tmp_path / "r.yaml", "ties", [root / "lora-0", root / "lora-1"])  # the full merge needs it
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "m")]) == 2
+    assert "merge_method ties needs key 'base_model'" in capsys.readouterr().err
+
+
+def test_as_adapter_recipe_needs_no_base_and_checks_one_given(gguf_lora_runs, tmp_path, capsys):
+    """--as-adapter task_arithmetic without base_model: one LoRA run of rank 2 + 4 whose folded kernels are the hand
+    computation; a base_model is checked against the adapters' frozen weights (the GGUF passes, another fails)."""
+    from jaxfound import cli, runs
+
+    models = [gguf_lora_runs["root"] / "lora-0", gguf_lora_runs["root"] / "lora-1"]
+    recipe = _write_recipe(tmp_path / "r.yaml", "task_arithmetic", models, parameters="{lambda: 0.5}")
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "a"), "--as-adapter"]) == 0
+    assert runs.open_run(tmp_path / "a", adapters=True).config.model.lora.rank == 6
+    merged = runs.open_run(tmp_path / "a").params
+    want = _hand_merge("task_arithmetic", gguf_lora_runs["base"].params, gguf_lora_runs["updates"], [0.7, 0.3], 0.5)
+    for path, w in want.items():
+        np.testing.assert_allclose(_leaf(merged, path), w, rtol=1e-5, atol=1e-5)
+
+    _write_recipe(recipe, "task_arithmetic", models, base=gguf_lora_runs["gguf"])
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "b"), "--as-adapter"]) == 0
+    assert "(checked: the adapters' frozen weights are its weights)" in capsys.readouterr().out
+    _write_recipe(recipe, "task_arithmetic", models, base=gguf_lora_runs["other"])
+    assert cli.main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "c"), "--as-adapter"]) == 2
+    assert f"base_model '{gguf_lora_runs['other']}' is not the base of the adapters" in capsys.readouterr().err

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import igraph as ig
-import jax
 import numpy as np
 
 from jaxfound import runs
@@ -25,13 +24,14 @@ from jaxfound.app.evaluate import predictor_for
 from jaxfound.app.refit import HeadRefit
 from jaxfound.config import read_yaml
 from jaxfound.errors import JaxfoundError
-from jaxfound.fusion import graph, merge
+from jaxfound.fusion import aligned, graph, merge
 from jaxfound.fusion.adapters import RANK_KEEPING, merge_adapters
 from jaxfound.fusion.gate import DEFAULT_THRESHOLD
 from jaxfound.fusion.plan import MergePlan, execute_plan, plan_merge, search_plan
 from jaxfound.fusion.recipe import merge_recipe, parse_recipe
 from jaxfound.fusion.refit import RefitConfig
 from jaxfound.interop.hf import save_pretrained, transformers_names
+from jaxfound.interop.peft import CONFIG_FILE as ADAPTER_CONFIG
 from jaxfound.models import lora
 
 SEARCH_LOG = "search_log.jsonl"
@@ -176,12 +176,14 @@ def plan_gate_table(report: dict) -> str:
 
 
 def _resolve(path: str, recipe: Path, key: str) -> Path:
-    """A recipe's model path: as given (relative to the working dir), else relative to the recipe file."""
+    """A recipe's model path, as given (relative to the working dir), else relative to the recipe file: whatever
+    runs.open_run opens (a jaxfound run dir, a transformers dir, a PEFT adapter dir or a GGUF file)."""
     for p in (Path(path), recipe.parent / path):
-        if (p / "config.json").is_file():
+        if (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file() or (
+                p.suffix.lower() == ".gguf" and p.is_file()):
             return p
-    raise JaxfoundError(f"{recipe}: {key} '{path}' is not a jaxfound run dir or transformers dir "
-                        "(no config.json there or next to the recipe)")
+    raise JaxfoundError(f"{recipe}: {key} '{path}' is not a jaxfound run dir or transformers dir (config.json), a "
+                        f"PEFT adapter dir ({ADAPTER_CONFIG}) or a GGUF file (.gguf), as given or next to the recipe")
 
 
 def _check_mergeable(models: list[runs.Run], recipe_path: Path) -> None:
@@ -199,7 +201,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path, hf: bool = False, seed:
     """Merge the models of a mergekit-style YAML recipe; write a jaxfound run dir, or a transformers dir (hf).
     as_adapter: the models are LoRA runs of one base, merged into one LoRA run (see merge_adapter_runs)."""
     recipe_path = Path(recipe_path)
-    recipe = parse_recipe(read_yaml(recipe_path), str(recipe_path))
+    recipe = parse_recipe(read_yaml(recipe_path), str(recipe_path), needs_base=not as_adapter)
     if as_adapter:
         return merge_adapter_runs(recipe, recipe_path, out)
     models = [runs.open_run(_resolve(p, recipe_path, f"models[{i}].model")) for i, p in enumerate(recipe.models)]
@@ -221,7 +223,8 @@ def merge_adapter_runs(recipe, recipe_path: Path, out: str | Path) -> dict:
     """LoRA runs of one base merged by a rank-keeping method (linear, task_arithmetic) into one LoRA run: its
     adapters are the exact weighted sum of theirs (rank = the sum of ranks; fusion.adapters.linear_adapters), its
     heads their weighted average. The run opens folded like any LoRA run; `jaxfound export --adapter` writes it for
-    PEFT. The recipe's base_model is not read: the adapters carry their base, which must be the same weights."""
+    PEFT. The adapters carry their base, which must be the same weights in every run; the recipe's base_model may be
+    left out, and when given it is checked to be that base (its weights are not otherwise used)."""
     if recipe.method not in RANK_KEEPING:
         raise JaxfoundError(f"{recipe_path}: merge_method {recipe.method} does not keep adapters low-rank; with "
                             f"--as-adapter use one of {', '.join(RANK_KEEPING)} (other methods: merge without "
@@ -229,30 +232,57 @@ def merge_adapter_runs(recipe, recipe_path: Path, out: str | Path) -> dict:
     models = [runs.open_run(_resolve(p, recipe_path, f"models[{i}].model"), adapters=True)
               for i, p in enumerate(recipe.models)]
     _check_mergeable(models, recipe_path)
-    def trunk(m):  # the frozen base weights; heads are trained with the adapters and may differ
-        return merge.split_trunk(lora.split(m.params)[0])[1]
-
-    base = trunk(models[0])
+    base = _frozen_trunk(models[0])
     for i, m in enumerate(models):
         if not m.config.model.lora.rank:
             raise JaxfoundError(f"{recipe_path}: models[{i}] ({m.path}) has no LoRA adapters; --as-adapter merges "
                                 "LoRA runs (train.lora.rank > 0) of one base")
-        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                            trunk(m), base)
-        if i and not all(jax.tree.leaves(same)):
+        trunk = _frozen_trunk(m)
+        if i and not (_weights_within(trunk, base) and _weights_within(base, trunk)):
             raise JaxfoundError(f"{recipe_path}: models[{i}] ({m.path}) is an adapter of other base weights than "
                                 f"models[0] ({models[0].path}); adapters merge only over one base")
+    if recipe.base is not None:
+        _check_adapter_base(recipe, recipe_path, models[0], base)
     normalize = recipe.normalize if recipe.normalize is not None else recipe.method == "linear"
     params, cfg = merge_adapters(recipe.method, [m.params for m in models], [m.config.model.lora for m in models],
                                  list(recipe.weights), lam=recipe.lam, normalize=normalize)
     summary = {"recipe": str(recipe_path), "method": recipe.method, "models": list(recipe.models),
                "weights": list(recipe.weights), "lambda": recipe.lam, "normalize": normalize, "format": "adapter",
                "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets}}
+    if recipe.base is not None:
+        summary["base"] = f"{recipe.base} (checked: the adapters' frozen weights are its weights)"
     template = models[0]
     where = runs.write_run(out, runs.config_for(template, lora=cfg), params, labels=template.labels,
                            tokenizer=template.tokenizer, reports={"merge.json": summary})
     summary["out"] = str(where)
     return summary
+
+
+def _frozen_trunk(run: runs.Run) -> dict:
+    """A LoRA run's trunk without its adapters: the base weights it was trained on (its heads are trained with the
+    adapters and may differ between runs of one base)."""
+    return merge.split_trunk(lora.split(run.params)[0])[1]
+
+
+def _weights_within(trunk: dict, base: dict) -> bool:
+    """Every weight of trunk is in base (at its path) and equal to base's cast to its dtype; base may hold more."""
+    base = aligned.flat(base)
+    for path, x in aligned.flat(trunk).items():
+        x = np.asarray(x)
+        if path not in base or not np.array_equal(x, np.asarray(base[path]).astype(x.dtype)):
+            return False
+    return True
+
+
+def _check_adapter_base(recipe, recipe_path: Path, adapter: runs.Run, trunk: dict) -> None:
+    """The recipe's base_model, opened, holds the frozen weights of the adapters (else the recipe names another
+    model than the one the adapters were trained on)."""
+    base = runs.open_run(_resolve(recipe.base, recipe_path, "base_model"))
+    key, base_trunk, _ = merge.split_trunk(base.params)
+    if key != merge.split_trunk(adapter.params)[0] or not _weights_within(trunk, base_trunk):
+        raise JaxfoundError(f"{recipe_path}: base_model '{recipe.base}' is not the base of the adapters (the frozen "
+                            f"weights of models[0] ({adapter.path}) differ from its weights); name the model they "
+                            "were trained on, or leave base_model out: --as-adapter does not need it")
 
 
 def describe(g: ig.Graph) -> str:

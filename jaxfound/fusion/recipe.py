@@ -138,9 +138,10 @@ def _check_ranges(method: str, settings: list[dict], source: str) -> None:
                 raise JaxfoundError(f"{source}: {where}.epsilon is {e}; it must be in [0, 1)")
 
 
-def parse_recipe(raw, source: str = "<recipe>") -> Recipe:
+def parse_recipe(raw, source: str = "<recipe>", needs_base: bool = True) -> Recipe:
     """Validate a recipe read from YAML; every problem names source and the key. dtype, out_dtype and
-    tokenizer_source are accepted and ignored (merges run in float32 and the tokenizer comes from the first model)."""
+    tokenizer_source are accepted and ignored (merges run in float32 and the tokenizer comes from the first model).
+    needs_base=False: base_model may be left out whatever the method (a merge of LoRA adapters, which carry it)."""
     if not isinstance(raw, Mapping):
         raise JaxfoundError(f"{source}: the top level must be a mapping with keys {', '.join(RECIPE_KEYS)}")
     for k in raw:
@@ -171,7 +172,7 @@ def parse_recipe(raw, source: str = "<recipe>") -> Recipe:
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         raise JaxfoundError(f"{source}: key 'base_model' must be a path, got {base!r}")
-    if base is None and method != "linear":
+    if base is None and method != "linear" and needs_base:
         raise JaxfoundError(f"{source}: merge_method {method} needs key 'base_model' (the model the task vectors "
                             "are taken from)")
     others = [p for p in paths if p != base]
