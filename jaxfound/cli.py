@@ -180,12 +180,13 @@ def _serve(args):
     return serve.serve(args.run, options, progress=lambda line: print(line, flush=True))
 
 
-@verb("quantize", "int8 copy of a fine-tuned or merged run dir, or of a decoder (w8 | w8a8): sizes, metric and "
-      "tokens/s before/after",
+@verb("quantize", "int8 / 4-bit copy of a fine-tuned or merged run dir, or of a decoder (w8 | w8a8 | w4): sizes, "
+      "metric and tokens/s before/after",
       arg("--checkpoint", required=True, help="run dir written by `jaxfound finetune` or `jaxfound merge`, or a "
           "decoder: a jaxfound run dir, transformers dir or GGUF file (then generate / serve load the output)"),
       arg("--mode", required=True,
-          help="w8: int8 weights, float matmul; w8a8: int8 weights and dynamic per-token int8 activations"),
+          help="w8: int8 weights, float matmul; w8a8: int8 weights and dynamic per-token int8 activations; w4: 4-bit "
+          "weights (groups of 32 rows, a float16 scale and offset each) and int8 activations"),
       arg("--out", required=True, help="output dir: evaluate / predict load it without the float run"),
       arg("--eval", default=None, help="labelled file (a decoder: a text file): metric (held-out next-token loss) "
           "and tokens/s of the float vs int8 model"),

@@ -78,7 +78,7 @@ class ModelConfig:
     # 'xla' (the einsum form), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn', 'splash' force one
     attention: str = _choice("auto", "auto", "xla", "dot_product", "cudnn", "splash")
     num_labels: int = 0  # classification heads: set by the fine-tuning task
-    quant: str = _choice("none", "none", "w8", "w8a8")  # int8 Dense kernels (see jaxfound.quant)
+    quant: str = _choice("none", "none", "w8", "w8a8", "w4")  # int8 / 4-bit Dense kernels (see jaxfound.quant)
     init: str | None = None  # fine-tuning: HF directory or jaxfound run dir to start from
     lora: LoraConfig = field(default_factory=LoraConfig)  # set from train.lora by `jaxfound finetune`
 

@@ -30,7 +30,8 @@ from jaxfound.interop.int8_import import int8_converter
 from jaxfound.losses import clm_loss
 from jaxfound.models import abstract_params, build_model
 from jaxfound.quant.checkpoint import META_FILE, PARAMS_FILE
-from jaxfound.quant.int8 import DEFAULT_RULES, MODES, check_rules, quantize, quantize_tied_embedding
+from jaxfound.quant.int4 import ALL_MODES, quantize_params
+from jaxfound.quant.int8 import DEFAULT_RULES, check_rules, quantize_tied_embedding
 from jaxfound.quant.report import size_report
 from jaxfound.sharding import global_batch
 
@@ -108,8 +109,8 @@ def _check_out(out: Path, checkpoint: Path) -> None:
 
 
 def _check_args(checkpoint: Path, mode: str, out: Path, eval_file, rounds: int) -> None:
-    if mode not in MODES:
-        raise JaxfoundError(f"--mode {mode!r}: allowed {', '.join(MODES)}")
+    if mode not in ALL_MODES:
+        raise JaxfoundError(f"--mode {mode!r}: allowed {', '.join(ALL_MODES)}")
     if rounds < 1:
         raise JaxfoundError(f"rounds={rounds}: need at least 1 timed pass over the eval file")
     if (checkpoint / META_FILE).is_file():
@@ -141,7 +142,7 @@ def quantize_run(checkpoint, mode: str, out, eval_file=None, rules=None, rounds:
     if run.model.head == "lm":
         return _quantize_decoder(run, checkpoint, mode, out, eval_file, rules, rounds)
     run = open_labelled(checkpoint)
-    qparams = quantize(run.params, rules)
+    qparams = quantize_params(run.params, mode, rules)
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
               **size_report(run.params, qparams), "rules": [dataclasses.asdict(r) for r in rules],
               "metric_name": metric_name(run.task), "metric_before": None, "metric_after": None,
@@ -165,7 +166,7 @@ def _quantize_decoder(run, checkpoint: Path, mode: str, out: Path, eval_file, ru
     """An int8 copy of a decoder (every Dense kernel of the blocks; an untied lm_head, or the tied word table as int8
     rows with one scale per row, which serves both the lookup and the head: int8.quantize_tied_embedding); with
     eval_file (text), the held-out next-token loss and forward tokens/s of float and int8."""
-    qparams = quantize(run.params, rules)
+    qparams = quantize_params(run.params, mode, rules)
     cfg = run.config.model
     if cfg.arch == "gpt" or cfg.tie_embeddings:
         qparams = quantize_tied_embedding(qparams, cfg.arch)
@@ -187,7 +188,7 @@ def _quantize_imported_decoder(checkpoint: Path, cfg, mode: str, out: Path, rule
     tensor at a time into int8 (interop.int8_import: the same params as quantizing the float model, without a float32
     copy of it); the float sizes come from the model's shapes."""
     tied = cfg.arch == "gpt" or cfg.tie_embeddings
-    run = runs.open_run(checkpoint, convert=int8_converter(cfg.arch, tied, rules))
+    run = runs.open_run(checkpoint, convert=int8_converter(cfg.arch, tied, rules, mode))
     float_shapes = nn.unbox(abstract_params(run.model))
     report = {"mode": mode, "checkpoint": str(checkpoint), "out": str(out), "task": run.task.name,
               **size_report(float_shapes, run.params), "rules": [dataclasses.asdict(r) for r in rules],

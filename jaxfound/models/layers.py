@@ -10,6 +10,7 @@ import numpy as np
 from jaxfound.models import cache as kv_cache
 from jaxfound.models import lora as lora_lib
 from jaxfound.models.attention import attention  # noqa: F401  (layers.attention: the models' one entry point)
+from jaxfound.quant import int4
 from jaxfound.quant.int8 import quantized_dot
 from jaxfound.quant.packed import packed_dot, packed_rows
 from jaxfound.sharding import constrain  # noqa: F401  (re-exported for bert.py / gpt.py)
@@ -24,12 +25,20 @@ ACTIVATIONS = {
 init_normal = nn.initializers.normal(0.02)
 
 
+def int8_mode(quant: str) -> str:
+    """How an int8 layer runs in a model with this quant: 'none' weight-only (w8), 'w4' (its int8 layers: those whose
+    rows do not split into groups, the tied head) w8a8, else as named."""
+    return {"none": "w8", "w4": "w8a8"}.get(quant, quant)
+
+
 class Dense(nn.Module):
     """y = x @ kernel + bias; kernel (in, out) with logical axes; int8 kernel + scale per layer when quantized.
 
     A layer is quantized when its params hold a 'scale' (so ``quantize`` may leave some layers float);
     at init that is when quant != 'none'. An int8 layer applied with quant 'none' runs weight-only (w8).
     Params {packed, comp, scale} (quant.packed.pack_params, for decoding) run on the native kernel in the same mode.
+    4-bit layers (quant.int4: {kernel uint8, scale, offset}; at init when quant is 'w4') run W4A8, their decoding form
+    {w4_packed} on the native kernel; int8 layers of a w4 model run w8a8.
     A layer has a LoRA adapter (models.lora) when its params hold 'lora_a'; at init when lora.rank > 0 and
     lora.targets match its path. The adapter's dropout applies when a 'dropout' rng is given (training).
     """
@@ -49,18 +58,27 @@ class Dense(nn.Module):
         dtype = DTYPES[self.dtype]
         part = nn.with_logical_partitioning
         quantized = self.quant != "none" if self.is_initializing() else self.has_variable("params", "scale")
-        if not self.is_initializing() and self.has_variable("params", "packed"):
-            get = lambda name: self.get_variable("params", name)  # noqa: E731
-            mode = "w8" if self.quant == "none" else self.quant
-            y = packed_dot(x, get("packed"), get("comp"), get("scale"), mode).astype(dtype)
+        get = lambda name: self.get_variable("params", name)  # noqa: E731
+        int8 = int8_mode(self.quant)
+        if not self.is_initializing() and self.has_variable("params", "w4_packed"):
+            y = int4.packed_w4_dot(x, get("w4_packed"), self.features).astype(dtype)
+        elif not self.is_initializing() and self.has_variable("params", "packed"):
+            y = packed_dot(x, get("packed"), get("comp"), get("scale"), int8).astype(dtype)
+        elif self._w4(shape[0]):
+            G = int4.GROUP
+            kernel = self.param("kernel", part(nn.initializers.zeros, self.axes), (shape[0] // 2, shape[1]), jnp.uint8)
+            scale = self.param("scale", part(nn.initializers.ones, (None, self.axes[1])), (shape[0] // G, shape[1]),
+                               jnp.float16)
+            offset = self.param("offset", part(nn.initializers.zeros, (None, self.axes[1])), (shape[0] // G, shape[1]),
+                                jnp.float16)
+            y = int4.w4_dot(x, kernel, scale, offset).astype(dtype)
         elif not quantized:
             kernel = self.param("kernel", part(init_normal, self.axes), shape, DTYPES[self.param_dtype])
             y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
         else:
             qkernel = self.param("kernel", part(nn.initializers.zeros, self.axes), shape, jnp.int8)
             scale = self.param("scale", part(nn.initializers.ones, self.axes[1:]), (self.features,), jnp.float32)
-            mode = "w8" if self.quant == "none" else self.quant
-            y = quantized_dot(x, qkernel, scale, mode, dtype).astype(dtype)
+            y = quantized_dot(x, qkernel, scale, int8, dtype).astype(dtype)
         if self.use_bias:
             bias_init = part(nn.initializers.zeros, self.axes[1:])
             bias = self.param("bias", bias_init, (self.features,), DTYPES[self.param_dtype])
@@ -68,6 +86,13 @@ class Dense(nn.Module):
         if self._adapted():
             y = y + self._adapter(x, dtype)
         return y
+
+    def _w4(self, in_features: int) -> bool:
+        """4-bit weights (quant.int4): at init when quant is 'w4' and the input rows split into groups; after, when the
+        params hold an 'offset'."""
+        if self.is_initializing():
+            return self.quant == "w4" and int4.w4_fits(in_features, int4.GROUP)
+        return self.has_variable("params", "offset")
 
     def _adapted(self) -> bool:
         if self.is_initializing():
@@ -180,7 +205,7 @@ def tied_logits(x, embedding, cfg, vocab_major: bool = False):
     dtype = DTYPES[cfg.dtype]
     word = embedding if isinstance(embedding, dict) else {"embedding": embedding}
     if "scale" in word:
-        mode = "w8" if cfg.quant == "none" else cfg.quant
+        mode = int8_mode(cfg.quant)
         if "packed" in word:
             logits = packed_dot(x, word["packed"], word["comp"], word["scale"], mode)
         else:

@@ -1,4 +1,5 @@
-"""Quantized checkpoints: int8 kernels + float32 scales in safetensors (never inflated, never pickled) + JSON.
+"""Quantized checkpoints: int8 kernels + float32 scales (4-bit: nibbles + float16 group scales and offsets) in
+safetensors (never inflated, never pickled) + JSON.
 
 A checkpoint is a directory: ``params.safetensors`` (keys are '/'-joined param paths) and ``quant.json``
 (the caller's metadata: mode, model config, rules).
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxfound.errors import JaxfoundError
-from jaxfound.quant.int8 import MODES
+from jaxfound.quant.int4 import ALL_MODES
 
 PARAMS_FILE = "params.safetensors"
 META_FILE = "quant.json"
@@ -54,10 +55,10 @@ def _to_json(obj):
 
 
 def save_quantized(path, qparams, metadata: dict) -> Path:
-    """Write ``qparams`` as stored (int8 stays int8) and ``metadata`` (needs 'mode': w8 | w8a8) under ``path``."""
-    if metadata.get("mode") not in MODES:
+    """Write ``qparams`` as stored (int8 stays int8) and ``metadata`` (needs 'mode': w8 | w8a8 | w4) under ``path``."""
+    if metadata.get("mode") not in ALL_MODES:
         mode = metadata.get("mode")
-        raise JaxfoundError(f"save_quantized: metadata['mode'] is {mode!r}; allowed: {', '.join(MODES)}")
+        raise JaxfoundError(f"save_quantized: metadata['mode'] is {mode!r}; allowed: {', '.join(ALL_MODES)}")
     try:
         meta_text = json.dumps({"format": FORMAT, **metadata}, default=_to_json, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -102,5 +103,12 @@ def load_quantized(path) -> tuple[dict, dict]:
         if scale is None or flat[key].ndim != 2 or scale.shape != flat[key].shape[:1]:
             raise JaxfoundError(f"quantized checkpoint: {params_file}: int8 table {key} has no matching (vocab,) "
                                 "scale (one per row)")
+    for key in (k for k, v in flat.items() if k.endswith("kernel") and v.dtype == np.uint8):  # 4-bit (quant.int4)
+        stem = key[: -len("kernel")]
+        scale, offset = flat.get(stem + "scale"), flat.get(stem + "offset")
+        if (scale is None or offset is None or flat[key].ndim != 2 or scale.ndim != 2 or scale.shape != offset.shape
+                or scale.shape[1] != flat[key].shape[1] or (2 * flat[key].shape[0]) % scale.shape[0]):
+            raise JaxfoundError(f"quantized checkpoint: {params_file}: 4-bit {key} has no matching (groups, out) "
+                                "scale and offset")
     metadata.pop("format")
     return unflatten(flat), metadata

@@ -41,6 +41,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from jaxfound.errors import JaxfoundError
 
@@ -244,6 +245,69 @@ def w8_packed(x_NxI, packed, comp, scale_O):
     if name is None:
         raise RuntimeError(f"no native int8 kernel here ({choose()[1]}); use quant.packed.packed_dot_xla")
     return load_packed(name, "w8")(x_NxI, packed, comp, scale_O)
+
+
+W4_SOURCE = _HERE / "int4_dense.cc"
+W4_EXTRA = {"avx512_vnni": ((), ()), "avx2": (("-mf16c",), ("f16c",))}  # (flags, cpu flags) beyond the path's own
+W4_TARGET = "jaxfound_w4a8_packed_{}"
+
+
+@functools.cache
+def _register_w4(name: str):
+    """The packed W4A8 dense of path ``name`` (int4_dense.cc built with that path's flags), registered once."""
+    if name not in PATHS:
+        raise JaxfoundError(f"unknown int8 kernel path {name!r} (known: {', '.join(PATHS)})")
+    extra_flags, extra_cpu = W4_EXTRA[name]
+    reason = why_unsupported(name)
+    missing = [f for f in extra_cpu if f not in cpu_flags()]
+    if reason or missing:
+        raise RuntimeError(f"the {name} w4 kernel cannot run here: {reason or 'this CPU lacks ' + ', '.join(missing)}")
+    target = W4_TARGET.format(name)
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(compile_library(W4_SOURCE, PATHS[name].flags + extra_flags,
+                                                          f"w4 {name} kernel")))
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxfoundW4A8Packed), platform="cpu")
+    except (OSError, AttributeError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"could not build or load the {name} w4 kernel: {e}") from e
+    return _w4_call(target)
+
+
+def load_w4(name: str):
+    """Path ``name``'s W4A8 dense on packed w4 weights: (x (..., I), packed (quant.int4.pack_w4), out features,
+    group) -> (..., O) float32. Raises RuntimeError (saying why) where this machine cannot run it."""
+    return _register_w4(name)
+
+
+@functools.cache
+def w4_available() -> bool:
+    """True when the W4A8 kernel of ``path()`` builds here (the first call builds it; a failure is said once)."""
+    name = path()
+    if name is None:
+        return False
+    try:
+        load_w4(name)
+        return True
+    except RuntimeError as e:
+        log.warning("w4 on CPU uses XLA ops, not a native kernel: %s", e)
+        return False
+
+
+def w4a8_packed(x_NxI, packed, out_features: int, group: int):
+    """The W4A8 kernel of ``path()``; CPU only, ``w4_available()`` must be True."""
+    if not w4_available():
+        raise RuntimeError("no native w4 kernel here; use quant.int4.w4_dot_xla")
+    return load_w4(path())(x_NxI, packed, out_features, group)
+
+
+def _w4_call(target: str):
+    def dense(x_NxI, packed, out_features: int, group: int):
+        lead = x_NxI.shape[:-1]
+        x2d = x_NxI.reshape(-1, x_NxI.shape[-1]).astype(jnp.float32)
+        out_type = jax.ShapeDtypeStruct((x2d.shape[0], out_features), jnp.float32)
+        y = jax.ffi.ffi_call(target, out_type)(x2d, packed, n=np.int64(out_features), group=np.int64(group))
+        return y.reshape(*lead, out_features)
+
+    return dense
 
 
 def _packed_call(target: str):

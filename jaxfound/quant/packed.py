@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxfound.quant import kernel
+from jaxfound.quant import int4, kernel
 from jaxfound.quant.int8 import MODES, dequantize_kernel, w8a8_dot_xla
 
 PANEL = 16  # output columns per panel
@@ -99,6 +99,9 @@ def pack_params(qparams) -> dict:
     Float layers and everything else are returned as they are. Pure; numpy work, done once per params tree.
     """
     def walk(tree):
+        if int4.is_w4(tree):  # 4-bit: one buffer of panels with their group scales and offsets (quant.int4.pack_w4)
+            rest = {k: v for k, v in tree.items() if k not in ("kernel", "scale", "offset")}
+            return {"w4_packed": int4.pack_w4(tree["kernel"], tree["scale"], tree["offset"]), **rest}
         if _packable(tree, "kernel"):
             packed, comp = pack_kernel(tree["kernel"])
             rest = {k: v for k, v in tree.items() if k != "kernel"}
@@ -116,6 +119,8 @@ FUSED = {"qkv": ("query", "key", "value"), "gate_up": ("gate", "up")}  # sibling
 
 
 def _fusable(node) -> bool:
+    if int4.is_w4(node):
+        return set(node) <= {"kernel", "scale", "offset", "bias"}
     return (isinstance(node, dict) and set(node) <= {"kernel", "scale", "bias"} and "scale" in node
             and getattr(node.get("kernel"), "dtype", None) == np.int8 and np.ndim(node["kernel"]) == 2)
 
@@ -124,7 +129,8 @@ def fuse_projections(qparams) -> dict:
     """qparams with sibling int8 Denses that read one input (attention query / key / value -> 'qkv', MLP gate / up
     -> 'gate_up') concatenated along their outputs: one kernel call instead of three (two) per decode step, and a
     wider one, which streams its weights faster (a 576 x 576 int8 GEMV reads ~13 GB/s here, 576 x 4608 ~32 GB/s).
-    Per-output-channel scales make the concatenation exact. Groups with an adapter or a float member stay apart.
+    Per-output-channel scales (int8) and per-(group, column) scales and offsets (w4) make the concatenation exact.
+    Groups with an adapter or a float member stay apart.
     The model (models.llama) splits the fused outputs back; pure, numpy."""
     def walk(tree):
         out = {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
@@ -132,7 +138,7 @@ def fuse_projections(qparams) -> dict:
             nodes = [out.get(p) for p in parts]
             if not all(_fusable(n) for n in nodes) or len({frozenset(n) for n in nodes}) != 1:
                 continue
-            if len({np.shape(n["kernel"])[0] for n in nodes}) != 1:
+            if len({(np.shape(n["kernel"])[0], np.shape(n["scale"])[0]) for n in nodes}) != 1:
                 continue
             out[fused] = {k: np.concatenate([np.asarray(n[k]) for n in nodes], axis=-1) for k in nodes[0]}
             for p in parts:
@@ -143,9 +149,11 @@ def fuse_projections(qparams) -> dict:
 
 
 def for_decoding(params, mode: str, fuse: bool = False):
-    """params as a decode step of a model with quant ``mode`` should read them: packed (``pack_params``) for w8 and
-    w8a8 where the native kernel runs (CPU backend, quant.kernel.available()), else unchanged. fuse: sibling
+    """params as a decode step of a model with quant ``mode`` should read them: packed (``pack_params``) for w8, w8a8
+    and w4 where the native kernels run (CPU backend, quant.kernel.available()), else unchanged. fuse: sibling
     projections concatenated first (``fuse_projections``; for models that read 'qkv' / 'gate_up': models.llama)."""
+    if mode == "w4" and jax.default_backend() == "cpu" and kernel.w4_available():
+        return pack_params(fuse_projections(params) if fuse else params)
     if mode in MODES and jax.default_backend() == "cpu" and kernel.available():
         return pack_params(fuse_projections(params) if fuse else params)
     return params
