@@ -31,8 +31,8 @@ Retention = a merge's score on a task / that task's own adapter's score. For sca
 test word with the train subset's commonest tag is reported too. Writes JSON (--out: settings, per model per
 task scores, retention, wall seconds per phase) and prints a table.
 
-`jaxfound merge --recipe` has no TIES path for these adapters: --as-adapter refuses methods that do not keep the rank,
-and the folding path wants a base_model dir with config.json, which the GGUF is not; hence merge_adapters here.
+TIES goes through fusion.adapters.merge_adapters here (written when `jaxfound merge --recipe` still refused a GGUF
+base_model; it now takes one, so a TIES recipe over the two runs with base_model: the GGUF folds them the same way).
 benchmarks/results/merge_sft_adapters.json came from two calls on a shared 2-core CPU: the defaults with
 `--work W` (trained both adapters, merged task_arithmetic and ties; 2432 s) and then
 `--work W2 --adapters W/ner/run,W/pos/run --methods task_arithmetic,linear,ties` (619 s; the scores both calls share
@@ -151,7 +151,7 @@ def adapter_info(run_dir: Path) -> dict:
 def merge_rank_keeping(method: str, adapters: dict[str, Path], base: Path, out: Path) -> dict:
     """`jaxfound merge --recipe R --as-adapter`: the adapters, weight 1.0 each, as one LoRA run at out."""
     recipe = {"models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in adapters.values()],
-              "merge_method": method, "base_model": str(base)}  # base_model: required by the recipe, not read
+              "merge_method": method, "base_model": str(base)}  # checked to be the adapters' base
     recipe_path = out.parent / f"{method}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return run_recipe(recipe_path, out, as_adapter=True)

@@ -201,11 +201,12 @@ def _quantize(args):
       arg("--target-task", default=None, help="task vertex of the registry graph, e.g. conll2003/ner"),
       arg("--registry", default=None, help="registry directory holding graph.json"),
       arg("--method", default="auto", choices=list(PLAN_METHODS)),
-      arg("--recipe", default=None, help="mergekit-style YAML (models, merge_method, base_model, parameters)"),
+      arg("--recipe", default=None, help="mergekit-style YAML (models, merge_method, base_model, parameters); models "
+          "and base_model: run dirs, transformers dirs, PEFT adapter dirs or GGUF files"),
       arg("--out", default=None, help="output dir (plan mode default: REGISTRY/merged/NAME)"),
       arg("--hf", action="store_true", help="recipe mode: write a transformers directory"),
       arg("--as-adapter", action="store_true", help="recipe mode: the models are LoRA runs of one base; write "
-          "their linear / task_arithmetic merge as one LoRA run (rank = the sum of ranks)"),
+          "their linear / task_arithmetic merge as one LoRA run (rank = the sum of ranks; base_model optional)"),
       arg("--name", default=None, help="name of the fused model in the graph"),
       arg("--force", action="store_true", help="register the fused model even if it fails the gate"),
       arg("--gate", type=float, default=0.95, help="register only if the merge keeps >= this fraction of every "
