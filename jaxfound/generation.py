@@ -1,13 +1,16 @@
-"""The generation engine of decoders: prefill the prompts into a KV cache, then decode one token per step.
+"""The generation engine of decoders: prefill the prompts into a KV cache, then decode a chunk of tokens per call.
 
     result = generate(model, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, temperature=0.7, key=jax.random.key(0))
     result.tokens, result.finish_reasons, result.decode_tokens_per_second
 
 Prompts are right-padded to a length bucket and prefilled together from slot 0; each row then decodes at its own
 position (models.cache). The two steps are compiled once per (model, mesh, batch, prompt bucket, cache bucket,
-greedy or sampling) and reused; temperature, top-k and top-p are traced values, so changing them does not recompile.
-The cache is donated to each step and updated in place. The host reads each step's sampled tokens one step late:
-step t + 1 is dispatched before the tokens of step t are read for the stop checks and the callback.
+greedy or sampling, decode chunk) and reused; temperature, top-k and top-p are traced values, so changing them does
+not recompile. The cache is donated to each call and updated in place. One decode call runs DECODE_CHUNK steps in a
+lax.scan and returns their tokens, so the host pays a call's dispatch (every params leaf) once per chunk, not per
+token (benchmarks/generate.py --decode-chunk measures it); tokens past a row's end are ignored, and the cache has
+slots for the last chunk in full. The host reads each chunk's tokens one call late: chunk c + 1 is dispatched before
+the tokens of chunk c are read for the stop checks and the callback.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jaxfound.sharding import LOGICAL_RULES, activation_sharding, logical_shardi
 
 MIN_PROMPT_BUCKET = 16
 MAX_COMPILED = 32  # compiled (prefill, decode) pairs kept; the oldest is dropped beyond this
+DECODE_CHUNK = 8  # decode steps per call of generate (a call's host dispatch is paid once per chunk)
 _COMPILED: dict = {}
 
 
@@ -140,6 +144,21 @@ def make_steps(model, S: int, greedy: bool, mesh: Mesh):
     return prefill, decode
 
 
+def chunked(decode, chunk: int):
+    """decode_chunk(params, cache, state, key, sampling) -> (state, cache, tokens_KxB), pure: `chunk` (K) calls of
+    decode in a lax.scan, the token each step sampled in order. Each step samples with its own step number, so the
+    tokens equal those of K single steps."""
+    def decode_chunk(params, cache, state, key, sampling):
+        def step(carry, _):
+            state, cache = decode(params, carry[1], carry[0], key, sampling)
+            return (state, cache), state["token"]
+
+        (state, cache), tokens_KxB = jax.lax.scan(step, (state, cache), length=chunk)
+        return state, cache, tokens_KxB
+
+    return decode_chunk
+
+
 def param_shardings(model, params, mesh: Mesh):
     """The params' shardings from their logical names (replicated if the tree differs from the model's own)."""
     boxed = abstract_params(model)
@@ -159,11 +178,13 @@ def _spec(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def compiled_steps(model, params, mesh: Mesh, B: int, prompt_bucket: int, S: int, greedy: bool):
+def compiled_steps(model, params, mesh: Mesh, B: int, prompt_bucket: int, S: int, greedy: bool,
+                   chunk: int | None = None):
     """(prefill, decode, the params' shardings, seconds spent compiling now): compiled once per model, mesh, params
-    shapes, batch, prompt bucket, cache length and mode, then taken from _COMPILED."""
+    shapes, batch, prompt bucket, cache length, mode and chunk, then taken from _COMPILED. chunk None: decode is
+    make_steps' single step; an int K: decode is chunked(decode, K), which also returns the K x B tokens."""
     signature = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(params))
-    key = (model, mesh, B, prompt_bucket, S, greedy, jax.tree.structure(params), signature)
+    key = (model, mesh, B, prompt_bucket, S, greedy, chunk, jax.tree.structure(params), signature)
     if key in _COMPILED:
         return (*_COMPILED[key], 0.0)
     start = time.perf_counter()
@@ -182,6 +203,8 @@ def compiled_steps(model, params, mesh: Mesh, B: int, prompt_bucket: int, S: int
     prefill = jax.jit(prefill_fn, out_shardings=out_shardings).lower(
         params_spec, _spec((B, prompt_bucket), jnp.int32, rep), _spec((B,), jnp.int32, rep), key_spec,
         sampling_spec).compile()
+    if chunk is not None:
+        decode_fn, out_shardings = chunked(decode_fn, chunk), (*out_shardings, rep)
     decode = jax.jit(decode_fn, donate_argnums=(1,), out_shardings=out_shardings).lower(
         params_spec, cache_spec, state_spec, key_spec, sampling_spec).compile()
     while len(_COMPILED) >= MAX_COMPILED:
@@ -198,11 +221,26 @@ def single_device_mesh() -> Mesh:
     return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-def shapes(cfg, longest: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt bucket, cache length): the padded prompt, and slots for it and every decode write, as buckets within
-    the model's positions."""
+def steps_run(max_new_tokens: int, chunk: int) -> int:
+    """Decode steps generate runs: the max_new_tokens - 1 after prefill's token, the last chunk in full."""
+    return -(-(max_new_tokens - 1) // chunk) * chunk
+
+
+def fitting_chunk(cfg, longest: int, max_new_tokens: int, chunk: int) -> int:
+    """The decode chunk generate runs: at most `chunk` and the decode steps, and short enough that every step run
+    (the discarded ones of the last chunk too) writes within the model's positions."""
+    K = max(1, min(chunk, max_new_tokens - 1))
+    while K > 1 and longest + steps_run(max_new_tokens, K) > cfg.max_position:
+        K -= 1
+    return K
+
+
+def shapes(cfg, longest: int, max_new_tokens: int, chunk: int = 1) -> tuple[int, int]:
+    """(prompt bucket, cache length): the padded prompt, and slots for it and every decode write (steps_run with this
+    chunk), as buckets within the model's positions."""
     prompt_bucket = min(bucket(longest), cfg.max_position)
-    return prompt_bucket, min(bucket(max(prompt_bucket, longest + max_new_tokens)), cfg.max_position)
+    slots = longest + max(max_new_tokens, steps_run(max_new_tokens, chunk))
+    return prompt_bucket, min(bucket(max(prompt_bucket, slots)), cfg.max_position)
 
 
 def check_request(model, prompts_ids, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -278,17 +316,27 @@ def advance(row: TextRow, token: int, max_new_tokens: int, stop_ids: frozenset, 
     return piece
 
 
-def _consume(rows: list[TextRow], tokens_B: np.ndarray, max_new_tokens: int, stop_ids: frozenset, stop_strings,
+def _consume(rows: list[TextRow], tokens_KxB: np.ndarray, max_new_tokens: int, stop_ids: frozenset, stop_strings,
              tokenizer, on_token) -> None:
-    """advance every unfinished row by its new token; stream the pieces."""
-    for b, row in enumerate(rows):
-        if row.finish_reason:
-            continue
-        token = int(tokens_B[b])
-        piece = advance(row, token, max_new_tokens, stop_ids, stop_strings, tokenizer,
-                        follow_text=bool(on_token or stop_strings))
-        if on_token:
-            on_token(b, token, piece)
+    """advance every unfinished row by its new token of each step in order; stream the pieces."""
+    for tokens_B in tokens_KxB:
+        for b, row in enumerate(rows):
+            if row.finish_reason:
+                continue
+            token = int(tokens_B[b])
+            piece = advance(row, token, max_new_tokens, stop_ids, stop_strings, tokenizer,
+                            follow_text=bool(on_token or stop_strings))
+            if on_token:
+                on_token(b, token, piece)
+
+
+def _with_tokens(decode):
+    """A single decode step in the chunked form: (state, cache, its tokens)."""
+    def call(*args):
+        state, cache = decode(*args)
+        return state, cache, state["token"]
+
+    return call
 
 
 # ---------------------------------------------------------------- the library API
@@ -322,25 +370,37 @@ def _place(tree, shardings):
     return placed
 
 
+def decode_plan(cfg, longest: int, max_new_tokens: int, decode_chunk: int | None) -> tuple[int, int, int | None]:
+    """(prompt bucket, cache length, chunk for compiled_steps: None for one step per call) of a generate call."""
+    if decode_chunk is not None and decode_chunk < 1:
+        raise JaxfoundError(f"decode_chunk must be >= 1 (1: one decode step per call), got {decode_chunk}")
+    K = fitting_chunk(cfg, longest, max_new_tokens, DECODE_CHUNK if decode_chunk is None else decode_chunk)
+    return (*shapes(cfg, longest, max_new_tokens, K), None if K == 1 else K)
+
+
 def warmup(model, params, batch: int, prompt_len: int, max_new_tokens: int, *, greedy: bool = True,
-           mesh: Mesh | None = None) -> float:
-    """Compile the steps generate will use for this batch size and prompt length; the seconds it took (0 if done)."""
-    prompt_bucket, S = shapes(model.cfg, prompt_len, max_new_tokens)
+           mesh: Mesh | None = None, decode_chunk: int | None = None) -> float:
+    """Compile the steps generate will use for this batch size, prompt length, max_new_tokens and decode_chunk; the
+    seconds it took (0 if done)."""
+    prompt_bucket, S, chunk = decode_plan(model.cfg, prompt_len, max_new_tokens, decode_chunk)
     params = decoding_params(model, params)
-    return compiled_steps(model, params, mesh or single_device_mesh(), batch, prompt_bucket, S, greedy)[3]
+    return compiled_steps(model, params, mesh or single_device_mesh(), batch, prompt_bucket, S, greedy, chunk)[3]
 
 
 def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, key=None, stop_token_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), tokenizer=None,
-             on_token: Callable[[int, int, str], None] | None = None, mesh: Mesh | None = None) -> GenerationResult:
+             on_token: Callable[[int, int, str], None] | None = None, mesh: Mesh | None = None,
+             decode_chunk: int | None = None) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens: greedy when temperature == 0, else sampled.
 
     key: a jax PRNG key for sampling (default key(0)); the same key gives the same tokens. stop_token_ids end a row
     (the token is returned, not put in the text); stop_strings are looked for in the decoded text (needs tokenizer),
     which is cut before them. on_token(row, token_id, text_piece) is called for every returned token in order; the
-    pieces of a row add up to its text. mesh: params and cache are sharded by their logical names. The params
-    placed by one call are reused by the next call given the same dict: treat params as immutable (JAX style).
+    pieces of a row add up to its text. mesh: params and cache are sharded by their logical names. decode_chunk:
+    decode steps per device call (default DECODE_CHUNK; 1: one call per token; shortened to the steps needed and to
+    the model's positions); the tokens do not depend on it. The params placed by one call are reused by the next
+    call given the same dict: treat params as immutable (JAX style).
     """
     cfg = model.cfg
     check_request(model, prompts_ids, max_new_tokens, temperature, top_k, top_p)
@@ -349,10 +409,12 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
                             "(they are looked for in the decoded text)")
     mesh = mesh or single_device_mesh()
     B, longest = len(prompts_ids), max(len(ids) for ids in prompts_ids)
-    prompt_bucket, S = shapes(cfg, longest, max_new_tokens)
+    prompt_bucket, S, chunk = decode_plan(cfg, longest, max_new_tokens, decode_chunk)
     greedy = temperature == 0.0
     params = decoding_params(model, params)
-    prefill, decode, p_shardings, compile_seconds = compiled_steps(model, params, mesh, B, prompt_bucket, S, greedy)
+    prefill, decode, p_shardings, compile_seconds = compiled_steps(model, params, mesh, B, prompt_bucket, S, greedy,
+                                                                   chunk)
+    decode = _with_tokens(decode) if chunk is None else decode
 
     start = time.perf_counter()
     rep = NamedSharding(mesh, P())
@@ -370,15 +432,16 @@ def generate(model, params, prompts_ids: list[list[int]], *, max_new_tokens: int
                            jax.device_put(np.array([len(p) for p in prompts_ids], np.int32), rep), key, sampling)
 
     rows, stop_ids = [TextRow() for _ in range(B)], frozenset(int(t) for t in stop_token_ids)
-    first_token_at = None
-    for step in range(1, max_new_tokens + 1):
-        pending = state["token"]
-        if step < max_new_tokens:  # dispatch step t + 1 before reading the tokens of step t
-            state, cache = decode(params, cache, state, key, sampling)
-        _consume(rows, np.asarray(pending), max_new_tokens, stop_ids, stop_strings, tokenizer, on_token)
+    pending, steps_dispatched, first_token_at = state["token"], 0, None  # prefill's tokens, then each call's K x B
+    while not all(r.finish_reason for r in rows):
+        following = None
+        if steps_dispatched < max_new_tokens - 1:  # dispatch chunk c + 1 before reading the tokens of chunk c
+            state, cache, following = decode(params, cache, state, key, sampling)
+            steps_dispatched += chunk or 1
+        _consume(rows, np.asarray(pending).reshape(-1, B), max_new_tokens, stop_ids, stop_strings, tokenizer,
+                 on_token)
         first_token_at = first_token_at or time.perf_counter()
-        if all(r.finish_reason for r in rows):
-            break
+        pending = following
     end = time.perf_counter()
 
     texts = None
@@ -414,6 +477,7 @@ def generate_text(model, params, tokenizer, prompts: list[str], chat: bool = Fal
                     tokenizer=tokenizer, **options)
 
 
-__all__ = ["GenerationResult", "TextRow", "advance", "bucket", "cache_shardings", "check_request", "compiled_steps",
-           "decoding_params", "encode_prompts", "filter_top_k_top_p", "generate", "generate_text", "held_back",
-           "make_steps", "param_shardings", "sample", "sample_vocab_major", "shapes", "single_device_mesh", "warmup"]
+__all__ = ["DECODE_CHUNK", "GenerationResult", "TextRow", "advance", "bucket", "cache_shardings", "check_request",
+           "chunked", "compiled_steps", "decode_plan", "decoding_params", "encode_prompts", "filter_top_k_top_p",
+           "fitting_chunk", "generate", "generate_text", "held_back", "make_steps", "param_shardings", "sample",
+           "sample_vocab_major", "shapes", "single_device_mesh", "steps_run", "warmup"]

@@ -180,6 +180,72 @@ def test_sampled_frequencies_follow_the_filtered_tempered_softmax():
     np.testing.assert_allclose(np.bincount(np.asarray(tokens), minlength=5) / N, probs, atol=0.015)
 
 
+# ---------------------------------------------------------------- decode chunks
+
+
+def test_chunked_decoding_equals_one_step_per_call_greedy_and_sampled(llama):
+    _, model, params = llama
+    assert (MAX_NEW - 1) % generation.DECODE_CHUNK != 0  # the last chunk runs steps whose tokens are dropped
+    for options, chunks in (({}, (None, 3)), ({"temperature": 1.0, "top_p": 0.9, "key": jax.random.key(4)}, (None,))):
+        per_token = generation.generate(model, params, LLAMA_PROMPTS, max_new_tokens=MAX_NEW, decode_chunk=1,
+                                        **options)
+        for chunk in chunks:
+            chunked = generation.generate(model, params, LLAMA_PROMPTS, max_new_tokens=MAX_NEW, decode_chunk=chunk,
+                                          **options)
+            assert chunked.tokens == per_token.tokens, (options, chunk)
+            assert chunked.finish_reasons == per_token.finish_reasons == ["length"] * len(LLAMA_PROMPTS)
+    with pytest.raises(JaxfoundError, match="decode_chunk must be >= 1"):
+        generation.generate(model, params, LLAMA_PROMPTS, max_new_tokens=MAX_NEW, decode_chunk=0)
+
+
+def test_a_stop_inside_a_chunk_cuts_the_row_and_streams_what_one_step_per_call_streams(gpt2):
+    _, model, params, tokenizer = gpt2
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    full = generation.generate(model, params, prompts, max_new_tokens=MAX_NEW, tokenizer=tokenizer)
+    stop = full.tokens[0][4]  # the 4th token of the first chunk (token 0 is prefill's)
+    results, calls = {}, {}
+    for chunk in (1, None):
+        calls[chunk] = []
+        results[chunk] = generation.generate(model, params, prompts, max_new_tokens=MAX_NEW, tokenizer=tokenizer,
+                                             stop_token_ids=(stop,), decode_chunk=chunk,
+                                             on_token=lambda *c, chunk=chunk: calls[chunk].append(c))
+    result = results[None]
+    assert result.tokens[0] == full.tokens[0][:full.tokens[0].index(stop) + 1] and result.finish_reasons[0] == "stop"
+    for b, tokens in enumerate(full.tokens):
+        expected = tokens[:tokens.index(stop) + 1] if stop in tokens else tokens
+        assert result.tokens[b] == expected
+        assert result.finish_reasons[b] == ("stop" if stop in tokens else "length")
+    assert (result.tokens, result.texts, result.finish_reasons) == (results[1].tokens, results[1].texts,
+                                                                    results[1].finish_reasons)
+    assert calls[None] == calls[1]  # the same (row, token, piece) in the same order
+    assert [t for row, t, _ in calls[None] if row == 0] == result.tokens[0]
+
+
+def test_the_cache_holds_every_step_run_and_the_chunk_shrinks_at_the_last_positions():
+    cfg = ModelConfig(arch="gpt", max_position=64)
+    assert generation.steps_run(12, 8) == 16 and generation.steps_run(9, 8) == 8 and generation.steps_run(1, 8) == 0
+    assert generation.fitting_chunk(cfg, 5, 12, 8) == 8
+    assert generation.fitting_chunk(cfg, 5, 4, 8) == 3  # never longer than the 3 decode steps
+    assert generation.fitting_chunk(cfg, 50, 14, 8) == 7  # 13 steps: 2 x 8 would write slot 65; 2 x 7 ends at 63
+    assert generation.fitting_chunk(cfg, 60, 4, 8) == 3
+    for longest in range(1, 64):
+        for max_new in range(1, 65 - longest):
+            for chunk in (1, 2, 5, 8):
+                K = generation.fitting_chunk(cfg, longest, max_new, chunk)
+                _, S = generation.shapes(cfg, longest, max_new, K)
+                assert 1 <= K <= chunk and longest + generation.steps_run(max_new, K) <= S <= 64
+
+
+def test_a_chunk_shortened_at_the_last_positions_gives_the_same_tokens(gpt2):
+    _, model, params, _ = gpt2
+    prompt, max_new = [int(t) for t in np.random.default_rng(0).integers(0, model.cfg.vocab_size, 50)], 14
+    assert generation.decode_plan(model.cfg, len(prompt), max_new, None) == (64, 64, 7)
+    chunked = generation.generate(model, params, [prompt], max_new_tokens=max_new)
+    assert chunked.tokens == generation.generate(model, params, [prompt], max_new_tokens=max_new,
+                                                 decode_chunk=1).tokens
+    assert len(chunked.tokens[0]) == max_new
+
+
 # ---------------------------------------------------------------- stops, streaming
 
 
