@@ -1,4 +1,4 @@
-"""Decoding speed and answer quality on SmolLM2-135M-Instruct: jaxfound's generate (fp32, and int8: w8, w8a8)
+"""Decoding speed and answer quality on SmolLM2-135M-Instruct: jaxfound's generate (fp32, int8: w8, w8a8, 4-bit: w4)
 against transformers' generate (fp32) and llama.cpp (the package's own Q4_1 GGUF, through llama-cpp-python).
 
     python benchmarks/generate.py                        # batch 1 and 8, 128-token prompts, 128 new tokens
@@ -25,7 +25,9 @@ tensors) over the batch.
 int8 sides (--quant): the same fp32 params quantized in memory as `jaxfound quantize` does (quant.int8.quantize,
 default rules: every Dense kernel of the blocks; quantize_tied_embedding: the tied embedding / LM head as one int8
 table with a scale per row), run with model.quant w8 (int8 weights dequantized in XLA, float matmul) or w8a8 (int8
-activations too: generate packs the weights once and the decode and prefill matmuls run the native kernel on them).
+activations too: generate packs the weights once and the decode and prefill matmuls run the native kernel on them)
+or w4 (quant.int4: block kernels as 4-bit codes in groups of 32 rows with a float16 scale and offset, int8
+activations, the native W4A8 kernel; the tied table int8 as for w8a8).
 llama.cpp (--llama-python: a Python with llama-cpp-python, built from source in its own environment; llama.cpp's
 Python API decodes one sequence at a time, so its batch-8 throughput is its batch-1 rate) gets the same prompt
 tokens and threads.
@@ -213,8 +215,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quant", nargs="*", default=["w8", "w8a8"], choices=("w8", "w8a8"),
-                    help="int8 jaxfound sides beside fp32")
+    ap.add_argument("--quant", nargs="*", default=["w8", "w8a8", "w4"], choices=("w8", "w8a8", "w4"),
+                    help="int8 / 4-bit jaxfound sides beside fp32")
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python: adds llama.cpp (Q4_1)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--decode-chunk", type=int, default=None,
@@ -231,7 +233,8 @@ def main(argv=None) -> dict:
     from jaxfound.generation import warmup
     from jaxfound.interop.hf import from_pretrained
     from jaxfound.models import build_model
-    from jaxfound.quant.int8 import quantize, quantize_tied_embedding
+    from jaxfound.quant.int4 import quantize_params
+    from jaxfound.quant.int8 import quantize_tied_embedding
 
     torch.set_num_threads(os.cpu_count())
     gguf = smollm2_gguf()
@@ -242,7 +245,7 @@ def main(argv=None) -> dict:
     sides = {"jaxfound": (model, params)}
     for mode in args.quant:
         sides[f"jaxfound {mode}"] = (build_model(dataclasses.replace(model.cfg, quant=mode), "lm"),
-                                     quantize_tied_embedding(quantize(params), "llama"))
+                                     quantize_tied_embedding(quantize_params(params, mode), "llama"))
     from jaxfound.generation import decoding_params
 
     step_bytes = {name: weight_bytes(decoding_params(m, p)) for name, (m, p) in sides.items()}
@@ -291,7 +294,7 @@ def main(argv=None) -> dict:
                  "rounds_decode_tok_s": [x["decode_tok_s"] for x in got["speed"]], "quant": "Q4_1 (the GGUF's own)",
                  "weight_bytes_per_token": gguf_tensor_bytes(gguf)}
         quality["llama.cpp Q4_1"] = score_answers(got["answers"])
-    report = {"model": gguf.name, "dtype": "float32 (int8 sides: quantized from it)", "threads": os.cpu_count(),
+    report = {"model": gguf.name, "dtype": "float32 (int8 / w4 sides: quantized from it)", "threads": os.cpu_count(),
               "note": args.note, "load_average_at_end": os.getloadavg(), "decode_chunk": args.decode_chunk,
               "rows": rows, "llama_cpp_batch1": llama, "quality": quality,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,

@@ -139,3 +139,27 @@ def test_requests_the_engine_cannot_hold_are_refused_by_name(llama):
         engine.check(Request([1, 5], max_tokens=2, temperature=-1))
     with pytest.raises(JaxfoundError, match="stop strings need a tokenizer"):
         engine.check(Request([1, 5], max_tokens=2, stop=("x",)))
+
+
+def test_a_w4_model_serves_the_tokens_generate_gives_it(llama):
+    """4-bit weights (quant.int4, packed once for the native W4A8 kernel) through the engine's slots."""
+    import dataclasses
+
+    from jaxfound.models import build_model
+    from jaxfound.quant.int4 import quantize_params
+
+    model, params = llama
+    qmodel = build_model(dataclasses.replace(model.cfg, quant="w4"), "lm")
+    qparams = quantize_params(params, "w4")
+    engine = Engine(qmodel, qparams, None, slots=2, max_len=64, max_queue=8)
+    engine.compile()
+    engine.start()
+    try:
+        rng = np.random.default_rng(1)
+        prompts = [[int(t) for t in rng.integers(3, 101, size=n)] for n in (4, 11, 7)]
+        requests = [Request(p, max_tokens=m) for p, m in zip(prompts, (9, 5, 12))]
+        assert run_all(engine, requests) == ["length"] * 3
+    finally:
+        engine.stop(30)
+    for p, r in zip(prompts, requests):
+        assert r.row.tokens == generation.generate(qmodel, qparams, [p], max_new_tokens=len(r.row.tokens)).tokens[0]

@@ -10,6 +10,8 @@ tests/test_quant_kernel.py checks each against an integer reference and against 
 
 Each path also serves weights packed once (``quant.packed``: no per-call packing, a small-M tiling for decode steps,
 the columns split over the pool), as w8a8 and as weight-only w8 (int8 converted to float in registers).
+``int4_dense.cc`` is the W4A8 dense on 4-bit weights packed once (``quant.int4``), built per path with that path's
+flags (AVX2 adds F16C for the float16 group scales): vpdpbusd, or vpmaddubsw + vpmaddwd, on the unpacked nibbles.
 
 The path is chosen at run time from /proc/cpuinfo: the first path of ``DEFAULT_ORDER`` the CPU supports,
 unless ``NOT_DEFAULT`` holds it back (with the measured reason). $JAXFOUND_INT8_KERNEL overrides the
