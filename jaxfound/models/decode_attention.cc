@@ -23,9 +23,11 @@
 #include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxfound::ParallelFor;
 
 namespace {
 
@@ -43,39 +45,7 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::function<void(int64_t)> item;
 
-  void Drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      item(i);
-      if (finished.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, bool parallel, std::function<void(int64_t)> item) {
-  if (!parallel || pool.num_threads() <= 1 || total <= 1) {
-    for (int64_t i = 0; i < total; ++i) item(i);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  work->total = total;
-  work->item = std::move(item);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
-}
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                                ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
@@ -113,7 +83,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   for (int64_t b = 0; b < B; ++b) visible += Q * std::min<int64_t>(S, std::max<int64_t>(0, idx[b] + Q));
   const bool parallel = visible * H * N >= kParallelWork;
 
-  ParallelFor(pool, B * K, parallel, [&](int64_t item) {
+  ParallelFor(pool, B * K, [&](int64_t item) {
     const int64_t b = item / K, kh = item % K;
     const int64_t start = std::clamp<int64_t>(idx[b], 0, S - Q);
     float* kb = kc + (b * K + kh) * S * H;
@@ -153,7 +123,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
         for (int64_t h = 0; h < H; ++h) ov[h] = acc[h] * inv;
       }
     }
-  });
+  }, parallel);
   return ffi::Error::Success();
 }
 

@@ -25,9 +25,11 @@
 #include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxfound::ParallelFor;
 
 namespace {
 
@@ -205,26 +207,6 @@ void RowBlock(const Problem& p, int64_t m0, int64_t m1) {
   }
 }
 
-// Work items taken from a shared counter by the calling thread and by pool tasks; the caller waits only
-// for items others have taken, so a pool task that starts late (or never) cannot stall it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::function<void(int64_t)> item;
-
-  void Drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      item(i);
-      if (finished.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
 
 ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {
@@ -250,28 +232,12 @@ ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   p.w_scale = w_scale.typed_data();
   p.out = out->typed_data();
 
-  auto work = std::make_shared<Work>();
-  work->total = (p.M + kRowBlock - 1) / kRowBlock;
-  work->item = [&p](int64_t i) { RowBlock(p, i * kRowBlock, std::min(p.M, (i + 1) * kRowBlock)); };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
+  ParallelFor(pool, (p.M + kRowBlock - 1) / kRowBlock,
+              [&p](int64_t i) { RowBlock(p, i * kRowBlock, std::min(p.M, (i + 1) * kRowBlock)); });
   return ffi::Error::Success();
 }
 
 
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> item) {
-  auto work = std::make_shared<Work>();
-  work->total = total;
-  work->item = std::move(item);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
-}
 
 // ---- weights packed once (jaxfound.quant.packed): the panels PackWeights would make, and comp, given as inputs.
 // Small M (decode) is the case this serves: no per-call packing, up to 4 panels per tile when M <= 4, and the

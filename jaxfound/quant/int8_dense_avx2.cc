@@ -28,9 +28,11 @@
 #include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxfound::ParallelFor;
 
 namespace {
 
@@ -189,37 +191,7 @@ void Block(const Problem& p, int64_t m0, int64_t m1, int64_t q0, int64_t q1) {
   }
 }
 
-// Work items taken from a shared counter by the calling thread and by pool tasks; the caller waits only
-// for items others have taken, so a pool task that starts late (or never) cannot stall it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::function<void(int64_t)> item;
 
-  void Drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      item(i);
-      if (finished.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> item) {
-  auto work = std::make_shared<Work>();
-  work->total = total;
-  work->item = std::move(item);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
-}
 
 ffi::Error W8A8DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out) {

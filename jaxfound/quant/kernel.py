@@ -69,6 +69,7 @@ class KernelPath:
 
 
 _HERE = Path(__file__).parent
+HEADERS = (_HERE / "parallel_for.h",)  # included by every native source (compile_library's -I and cache key)
 PATHS = {
     "avx512_vnni": KernelPath(
         "avx512_vnni", _HERE / "int8_dense.cc",
@@ -147,8 +148,9 @@ def compile_library(source: Path, flags: tuple[str, ...], what: str) -> Path:
     compiler) and return its path. Raises RuntimeError with the compiler's message when the build fails."""
     cxx = compiler()
     flags = [*COMMON_FLAGS, *flags]
+    headers = b"".join(h.read_bytes() for h in HEADERS)  # a changed header rebuilds every library
     key = hashlib.sha256(
-        source.read_bytes() + jaxlib.__version__.encode() + " ".join(flags).encode() + str(cxx).encode()
+        source.read_bytes() + headers + jaxlib.__version__.encode() + " ".join(flags).encode() + str(cxx).encode()
     ).hexdigest()[:16]
     lib = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if lib.exists():
@@ -156,7 +158,7 @@ def compile_library(source: Path, flags: tuple[str, ...], what: str) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(out)]
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", f"-I{_HERE}", str(source), "-o", str(out)]
         log.info("building the %s: %s", what, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
