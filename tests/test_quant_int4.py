@@ -4,6 +4,7 @@ kernel already on a 4-bit grid and stays within its error otherwise; the layout 
 its KV cache as its own full forward passes choose; `jaxfound quantize --mode w4` writes a run generate reads."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -152,6 +153,9 @@ def test_quantize_cli_writes_a_w4_decoder_that_generates(smollm2_tokenizer, tmp_
     got = flatten(run.params)  # read tensor by tensor into 4-bit: the same params as quantizing the float model
     assert sorted(got) == sorted(want) and all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
     assert got["llama/layer_0/mlp/down/kernel"].dtype == np.uint8
+    report = json.loads((out / "quant_report.json").read_text())  # quantized bytes: codes, scales, offsets, the table
+    layers = {k.rsplit("/", 1)[0] for k in got if k.endswith("/scale") and not k.endswith("norm/scale")}
+    assert report["quantized_bytes_after"] == sum(v.nbytes for k, v in got.items() if k.rsplit("/", 1)[0] in layers)
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "the river", "--max-new-tokens", "4"]) == 0
     ref = generate_text(run.model, run.params, run.tokenizer, ["the river"], max_new_tokens=4)

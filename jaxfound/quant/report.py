@@ -19,14 +19,18 @@ def _nbytes(x) -> int:
 
 
 def size_report(params, qparams) -> dict:
-    """Bytes before / after for the whole tree and for the quantized layers (Dense kernel -> int8 kernel + scale; a
-    tied word table -> int8 rows + scale + its float16 lookup copy). params may be shapes alone (ShapeDtypeStruct
-    leaves, e.g. models.abstract_params: a model read straight into int8 is never held in float)."""
+    """Bytes before / after for the whole tree and for the quantized layers (Dense kernel -> int8 kernel + scale, or
+    4-bit codes + group scales and offsets; a tied word table -> int8 rows + scale + its float16 lookup copy). params
+    may be shapes alone (ShapeDtypeStruct leaves, e.g. models.abstract_params: a model read straight into int8 is never
+    held in float)."""
     before, after = _leaves(params), _leaves(qparams)
     quantized = [p[: -len("/scale")] for p in after if p.endswith("/scale") and p not in before]
     weight = {p: f"{p}/kernel" if f"{p}/kernel" in after else f"{p}/embedding" for p in quantized}
     q_before = sum(_nbytes(before[weight[p]]) for p in quantized)
-    extra = lambda p: _nbytes(after[f"{p}/lookup"]) if f"{p}/lookup" in after else 0  # noqa: E731  (a table's float copy)
+
+    def extra(p):  # a table's float copy; a 4-bit kernel's group offsets
+        return sum(_nbytes(after[f"{p}/{k}"]) for k in ("lookup", "offset") if f"{p}/{k}" in after)
+
     q_after = sum(_nbytes(after[weight[p]]) + _nbytes(after[f"{p}/scale"]) + extra(p) for p in quantized)
     total_before = sum(_nbytes(v) for v in before.values())
     total_after = sum(_nbytes(v) for v in after.values())
