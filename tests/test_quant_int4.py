@@ -160,3 +160,15 @@ def test_quantize_cli_writes_a_w4_decoder_that_generates(smollm2_tokenizer, tmp_
     assert main(["generate", "--model", str(out), "the river", "--max-new-tokens", "4"]) == 0
     ref = generate_text(run.model, run.params, run.tokenizer, ["the river"], max_new_tokens=4)
     assert ref.texts[0].strip() and ref.texts[0] in capsys.readouterr().out
+
+
+def test_dequantize_turns_w4_layers_back_into_float_kernels(w4_llama):
+    from jaxfound.quant.int8 import dequantize
+
+    _, params, qparams = w4_llama
+    back = dequantize(qparams)
+    up = qparams["llama"]["layer_0"]["mlp"]["up"]
+    assert sorted(back["llama"]["layer_0"]["mlp"]["up"]) == ["kernel"]
+    np.testing.assert_array_equal(np.asarray(back["llama"]["layer_0"]["mlp"]["up"]["kernel"]),
+                                  np.asarray(int4.dequantize_w4(up["kernel"], up["scale"], up["offset"])))
+    assert jax.tree.structure(back) == jax.tree.structure(params)
