@@ -163,10 +163,8 @@ def test_quantize_cli_writes_a_w4_decoder_that_generates(smollm2_tokenizer, tmp_
 
 
 def test_dequantize_turns_w4_layers_back_into_float_kernels(w4_llama):
-    from jaxfound.quant.int8 import dequantize
-
     _, params, qparams = w4_llama
-    back = dequantize(qparams)
+    back = int4.dequantize(qparams)  # also what quant.dequantize is
     up = qparams["llama"]["layer_0"]["mlp"]["up"]
     assert sorted(back["llama"]["layer_0"]["mlp"]["up"]) == ["kernel"]
     np.testing.assert_array_equal(np.asarray(back["llama"]["layer_0"]["mlp"]["up"]["kernel"]),

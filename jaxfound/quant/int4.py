@@ -25,6 +25,7 @@ from jax import lax
 from jaxfound.errors import JaxfoundError
 from jaxfound.quant import kernel
 from jaxfound.quant.int8 import DEFAULT_RULES, quantize, quantize_activations, quantize_kernel, quantize_plan
+from jaxfound.quant.int8 import dequantize as int8_dequantize
 
 ALL_MODES = ("w8", "w8a8", "w4")  # model.quant / `jaxfound quantize --mode`: int8 (quant.int8) and 4-bit
 GROUP = 32
@@ -205,3 +206,15 @@ def quantize_params(params, mode: str, rules=DEFAULT_RULES):
     if mode not in ALL_MODES:
         raise JaxfoundError(f"quantize mode {mode!r}: allowed {', '.join(ALL_MODES)}")
     return quantize_params_w4(params, rules) if mode == "w4" else quantize(params, rules)
+
+
+def dequantize(qparams, dtype=jnp.float32):
+    """qparams -> float params: every 4-bit kernel (scale, offset dropped) and every int8 one (quant.int8.dequantize)
+    becomes a ``dtype`` kernel."""
+    def walk(tree):
+        if is_w4(tree):
+            rest = {k: v for k, v in tree.items() if k not in ("kernel", "scale", "offset")}
+            return {"kernel": dequantize_w4(tree["kernel"], tree["scale"], tree["offset"], dtype), **rest}
+        return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    return int8_dequantize(walk(nn.unbox(qparams)), dtype)

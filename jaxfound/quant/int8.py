@@ -198,14 +198,8 @@ def quantize_table(table_VxD) -> dict:
 
 
 def dequantize(qparams, dtype=jnp.float32):
-    """qparams -> float params: every int8 kernel with a scale (and every 4-bit one: quant.int4) becomes a ``dtype``
-    kernel; 'scale' (and 'offset') are dropped."""
-    from jaxfound.quant import int4  # int4 builds on this module
-
+    """qparams -> float params: every int8 kernel with a scale becomes a ``dtype`` kernel; 'scale' is dropped."""
     def walk(tree):
-        if int4.is_w4(tree):
-            rest = {k: v for k, v in tree.items() if k not in ("kernel", "scale", "offset")}
-            return {"kernel": int4.dequantize_w4(tree["kernel"], tree["scale"], tree["offset"], dtype), **rest}
         if "scale" in tree and getattr(tree.get("kernel"), "dtype", None) == jnp.int8:
             rest = {k: v for k, v in tree.items() if k not in ("kernel", "scale")}
             return {"kernel": dequantize_kernel(tree["kernel"], tree["scale"], dtype), **rest}
