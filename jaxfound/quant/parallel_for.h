@@ -1,8 +1,15 @@
-// Work items shared out over XLA's intra-op thread pool: the one copy every jaxfound native kernel includes
+// Work items shared out over the CPU's cores: the one copy every jaxfound native kernel includes
 // (quant/int8_dense.cc, int8_dense_avx2.cc, int4_dense.cc, models/decode_attention.cc). quant.kernel.compile_library
 // puts this directory on the include path and this file's bytes in each library's cache key.
+//
+// A decode step calls a kernel ~150 times (4 GEMVs and one attention per layer), each 10-100 us of work. Handing
+// items to XLA's intra-op pool wakes a parked thread each call (tens of us); instead each library keeps its own
+// helper threads (cores - 1) that spin for a short while after a call before they sleep, so the next call of the
+// same step finds them awake -- what llama.cpp's and OpenMP's pools do.
 
 #pragma once
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -11,48 +18,99 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxfound {
 
-// Items taken from a shared counter by the calling thread and by pool tasks; the caller waits only for items
-// others have taken, so a pool task that starts late (or never) cannot stall it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t total = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::function<void(int64_t)> item;
+class SpinPool {
+ public:
+  // The library's pool: helpers = cores - 1, started on first use, never joined (they sleep when idle).
+  static SpinPool& Get() {
+    static SpinPool* pool = new SpinPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1);
+    return *pool;
+  }
 
-  void Drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      item(i);
-      if (finished.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
+  int helpers() const { return helpers_; }
+
+  // item(0 .. total - 1) on the caller and the helpers; returns when every item is done. One job at a time; a job
+  // lives in a shared_ptr, so a helper that wakes late holds the finished job it saw, never the next one.
+  void Run(int64_t total, std::function<void(int64_t)> item) {
+    std::lock_guard<std::mutex> one_job(run_mu_);
+    auto job = std::make_shared<Job>();
+    job->total = total;
+    job->item = std::move(item);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job->Drain();
+    while (job->done.load(std::memory_order_acquire) < total) _mm_pause();
+  }
+
+ private:
+  static constexpr int64_t kSpin = 1 << 15;  // pause iterations (about a millisecond) before a helper sleeps
+
+  struct Job {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t total = 0;
+    std::function<void(int64_t)> item;
+
+    void Drain() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_acq_rel)) < total;) {
+        item(i);
+        done.fetch_add(1, std::memory_order_acq_rel);
       }
     }
+  };
+
+  explicit SpinPool(int helpers) : helpers_(helpers) {
+    for (int t = 0; t < helpers; ++t) std::thread([this] { Loop(); }).detach();
   }
+
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      int64_t spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        if (++spins < kSpin) {
+          _mm_pause();
+        } else {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = job_;
+        seen = generation_.load(std::memory_order_acquire);
+      }
+      job->Drain();
+    }
+  }
+
+  const int helpers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
 };
 
-// item(0 .. total - 1), spread over the pool's threads and the caller; in the caller alone when parallel is false,
-// the pool has one thread or there is one item.
-inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t total, std::function<void(int64_t)> item,
+// item(0 .. total - 1), spread over the library's helper threads and the caller (SpinPool); in the caller alone
+// when parallel is false or there is one item. The XLA pool argument is kept for the call sites' signature.
+inline void ParallelFor(xla::ffi::ThreadPool& /*pool*/, int64_t total, std::function<void(int64_t)> item,
                         bool parallel = true) {
-  if (!parallel || pool.num_threads() <= 1 || total <= 1) {
+  SpinPool& pool = SpinPool::Get();
+  if (!parallel || pool.helpers() == 0 || total <= 1) {
     for (int64_t i = 0; i < total; ++i) item(i);
     return;
   }
-  auto work = std::make_shared<Work>();
-  work->total = total;
-  work->item = std::move(item);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->finished.load() == work->total; });
+  pool.Run(total, std::move(item));
 }
 
 }  // namespace jaxfound
