@@ -4,15 +4,18 @@
 //
 // A decode step calls a kernel ~150 times (4 GEMVs and one attention per layer), each 10-100 us of work. Handing
 // items to XLA's intra-op pool wakes a parked thread each call (tens of us); instead each library keeps its own
-// helper threads (cores - 1) that spin for a short while after a call before they sleep, so the next call of the
-// same step finds them awake -- what llama.cpp's and OpenMP's pools do.
+// helper threads (XLA's pool size - 1) that stay awake for a short while after a call (pausing, then yielding the
+// core to any runnable thread) before they sleep, so the next call of the same step finds them awake -- what
+// llama.cpp's and OpenMP's pools do.
 
 #pragma once
 
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -27,9 +30,10 @@ namespace jaxfound {
 
 class SpinPool {
  public:
-  // The library's pool: helpers = cores - 1, started on first use, never joined (they sleep when idle).
-  static SpinPool& Get() {
-    static SpinPool* pool = new SpinPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1);
+  // The library's pool: threads - 1 helpers (threads: XLA's intra-op pool size at the first call, which follows the
+  // process's CPU affinity), started on first use, never joined (they sleep when idle).
+  static SpinPool& Get(int64_t threads) {
+    static SpinPool* pool = new SpinPool(static_cast<int>(std::max<int64_t>(threads, 1)) - 1);
     return *pool;
   }
 
@@ -53,7 +57,8 @@ class SpinPool {
   }
 
  private:
-  static constexpr int64_t kSpin = 1 << 15;  // pause iterations (about a millisecond) before a helper sleeps
+  static constexpr int64_t kPause = 256;  // pause iterations (a few us) before a helper starts yielding
+  static constexpr std::chrono::microseconds kSpinFor{300};  // awake this long after a call, then sleep
 
   struct Job {
     std::atomic<int64_t> next{0}, done{0};
@@ -75,10 +80,12 @@ class SpinPool {
   void Loop() {
     uint64_t seen = 0;
     for (;;) {
-      int64_t spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
-        if (++spins < kSpin) {
+      const auto idle_since = std::chrono::steady_clock::now();
+      for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+        if (spins < kPause) {
           _mm_pause();
+        } else if (std::chrono::steady_clock::now() - idle_since < kSpinFor) {
+          sched_yield();  // awake for the next call, but a runnable thread (XLA's own pool) gets the core first
         } else {
           std::unique_lock<std::mutex> lock(mu_);
           cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
@@ -101,11 +108,11 @@ class SpinPool {
   std::shared_ptr<Job> job_;
 };
 
-// item(0 .. total - 1), spread over the library's helper threads and the caller (SpinPool); in the caller alone
-// when parallel is false or there is one item. The XLA pool argument is kept for the call sites' signature.
-inline void ParallelFor(xla::ffi::ThreadPool& /*pool*/, int64_t total, std::function<void(int64_t)> item,
+// item(0 .. total - 1), spread over the library's helper threads and the caller (SpinPool, as many threads as XLA's
+// intra-op pool has); in the caller alone when parallel is false or there is one item.
+inline void ParallelFor(xla::ffi::ThreadPool& xla_pool, int64_t total, std::function<void(int64_t)> item,
                         bool parallel = true) {
-  SpinPool& pool = SpinPool::Get();
+  SpinPool& pool = SpinPool::Get(xla_pool.num_threads());
   if (!parallel || pool.helpers() == 0 || total <= 1) {
     for (int64_t i = 0; i < total; ++i) item(i);
     return;
