@@ -294,7 +294,12 @@ def main(argv=None) -> dict:
                  "rounds_decode_tok_s": [x["decode_tok_s"] for x in got["speed"]], "quant": "Q4_1 (the GGUF's own)",
                  "weight_bytes_per_token": gguf_tensor_bytes(gguf)}
         quality["llama.cpp Q4_1"] = score_answers(got["answers"])
+    from jaxfound.models import native
+    from jaxfound.quant import kernel
+
     report = {"model": gguf.name, "dtype": "float32 (int8 / w4 sides: quantized from it)", "threads": os.cpu_count(),
+              "native_kernels": {"int8_path": kernel.path(), "w4": kernel.w4_available(),
+                                 "decode_attention": native.available()},
               "note": args.note, "load_average_at_end": os.getloadavg(), "decode_chunk": args.decode_chunk,
               "rows": rows, "llama_cpp_batch1": llama, "quality": quality,
               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -306,8 +311,12 @@ def main(argv=None) -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = ("| batch | side | decode tok/s | prefill tok/s | time to first token | compile (s) | weight MB / token |\n"
-            "|---|---|---|---|---|---|---|")
+    """The report as markdown tables (sides by batch, ratios, answers), the native kernels that ran on top."""
+    native = report.get("native_kernels") or {}
+    top = f"native kernels: int8 path {native.get('int8_path')}, w4 {native.get('w4')}, decode attention " \
+          f"{native.get('decode_attention')}\n\n" if native else ""
+    head = top + ("| batch | side | decode tok/s | prefill tok/s | time to first token | compile (s) | "
+                  "weight MB / token |\n|---|---|---|---|---|---|---|")
     lines = [head]
     llama = report.get("llama_cpp_batch1")
     for r in report["rows"]:
