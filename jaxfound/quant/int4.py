@@ -24,7 +24,7 @@ from jax import lax
 
 from jaxfound.errors import JaxfoundError
 from jaxfound.quant import kernel
-from jaxfound.quant.int8 import DEFAULT_RULES, quantize, quantize_activations, quantize_kernel, quantize_plan
+from jaxfound.quant.int8 import DEFAULT_RULES, quantize, quantize_activations, quantize_kernel
 from jaxfound.quant.int8 import dequantize as int8_dequantize
 
 ALL_MODES = ("w8", "w8a8", "w4")  # model.quant / `jaxfound quantize --mode`: int8 (quant.int8) and 4-bit
@@ -142,23 +142,14 @@ def quantize_params_w4(params, rules=DEFAULT_RULES, group: int = GROUP):
     """Float params -> w4 qparams: the Dense kernels ``rules`` choose become w4 (kernel, scale, offset) where their
     input rows split into groups, int8 (kernel, scale: quant.int8) where they do not; the rest is unchanged."""
     check_group(group)
-    plan = quantize_plan(params, rules)
 
-    def walk(tree, prefix):
-        out = {}
-        for key, value in tree.items():
-            path = f"{prefix}/{key}" if prefix else str(key)
-            if isinstance(value, dict):
-                out[key] = walk(value, path)
-            elif plan.get(path) and w4_fits(np.shape(value)[0], group):
-                out.update(quantize_w4(value, group))
-            elif plan.get(path):
-                out["kernel"], out["scale"] = (np.asarray(a) for a in quantize_kernel(jnp.asarray(value)))
-            else:
-                out[key] = value
-        return out
+    def one(w):
+        if w4_fits(np.shape(w)[0], group):
+            return quantize_w4(w, group)
+        q, scale = quantize_kernel(jnp.asarray(w))
+        return {"kernel": np.asarray(q), "scale": np.asarray(scale)}
 
-    return walk(nn.unbox(params), "")
+    return quantize(params, rules, one)
 
 
 def pack_w4(kernel_HxO, scale_GxO, offset_GxO) -> np.ndarray:

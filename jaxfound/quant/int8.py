@@ -145,13 +145,16 @@ def quantize_plan(params, rules=DEFAULT_RULES) -> dict[str, bool]:
     return plan
 
 
-def quantize(params, rules=DEFAULT_RULES):
+def quantize(params, rules=DEFAULT_RULES, quantize_one=None):
     """Float params -> qparams: chosen Dense kernels become int8 'kernel' + float32 'scale', the rest is unchanged.
 
     The quantized layers have exactly the params ``build_model(cfg with quant='w8'|'w8a8').init`` creates;
     ``Dense`` picks the int8 path per layer from the 'scale' it finds, so mixed trees apply with either mode.
+    quantize_one(kernel) -> the layer's quantized params replaces int8's (quant.int4: 4-bit layers).
     """
     plan = quantize_plan(params, rules)
+    if quantize_one is None:
+        quantize_one = lambda w: dict(zip(("kernel", "scale"), quantize_kernel(w)))  # noqa: E731
 
     def walk(tree, prefix):
         out = {}
@@ -160,7 +163,7 @@ def quantize(params, rules=DEFAULT_RULES):
             if isinstance(value, dict):
                 out[key] = walk(value, path)
             elif plan.get(path):
-                out["kernel"], out["scale"] = quantize_kernel(value)
+                out.update(quantize_one(value))
             else:
                 out[key] = value
         return out
