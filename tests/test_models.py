@@ -115,3 +115,37 @@ def test_dropout_rate_mean_and_determinism():
     np.testing.assert_array_equal(Dropout(0.1).apply({}, x, True), x)
     u = np.asarray(uniform_u16(jax.random.key(1), (1000, 33)), np.float64)
     assert u.shape == (1000, 33) and abs(u.mean() / 65535 - 0.5) < 0.01  # uniform over [0, 65535]
+
+
+def test_mixed_dot_gradients_equal_autodiff():
+    """layers.mixed_dot's backward (the kernel's gradient as one 2-D product over the tokens) = autodiff. float32:
+    to float32 rounding. bfloat16 (bf16 operands, float32 accumulation) = autodiff of the same product with float32
+    operands: the cotangent it rounds to bf16 is a bf16 value already, and bf16 products are exact in float32, so
+    only the summation order differs, and the bf16 results round alike but for sums on a rounding edge."""
+    from jaxfound.models.layers import mixed_dot
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    g = jax.random.normal(kg, (3, 5, 40), jnp.float32)  # weights of the loss: a non-trivial cotangent
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.normal(kx, (3, 5, 48), jnp.float32).astype(dtype)
+        w = jax.random.normal(kw, (48, 40), jnp.float32).astype(dtype)
+
+        def loss(dot, x, w, dtype=dtype):
+            return jnp.sum(dot(x, w).astype(dtype).astype(jnp.float32) * g)
+
+        def wide(a, b):
+            return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+
+        reference = jax.grad(lambda x, w, wide=wide: loss(wide, x, w), argnums=(0, 1))(x, w)
+        got = jax.jit(jax.grad(lambda x, w: loss(mixed_dot, x, w), argnums=(0, 1)))(x, w)
+        forward = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        assert mixed_dot(x, w).dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(mixed_dot(x, w)), np.asarray(forward), rtol=1e-6)
+        for r, o in zip(reference, got):
+            assert o.dtype == dtype
+            r32, o32 = np.asarray(r, np.float32), np.asarray(o, np.float32)
+            if dtype == jnp.float32:
+                np.testing.assert_allclose(o32, r32, rtol=1e-5, atol=1e-5)
+            else:
+                assert np.mean(r32 == o32) > 0.97
+                np.testing.assert_allclose(o32, r32, rtol=1e-2, atol=1e-2)
