@@ -117,6 +117,38 @@ def test_dropout_rate_mean_and_determinism():
     assert u.shape == (1000, 33) and abs(u.mean() / 65535 - 0.5) < 0.01  # uniform over [0, 65535]
 
 
+def test_lora_dot_equals_the_unmerged_adapter_and_its_gradients():
+    """layers.lora_dot (one product with W + s A B, a written-out backward) = x W + s (x A) B and autodiff's gradients
+    of that for x, W, A and B (float32, to rounding); with B = 0 it is x W exactly; bf16 operands stay bf16."""
+    from jaxfound.models.layers import lora_dot
+
+    kx, kw, ka, kb, kg = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(kx, (3, 7, 48), jnp.float32)
+    w = jax.random.normal(kw, (48, 40), jnp.float32)
+    a = jax.random.normal(ka, (48, 4), jnp.float32)
+    b = jax.random.normal(kb, (4, 40), jnp.float32)
+    g = jax.random.normal(kg, (3, 7, 40), jnp.float32)
+    scale = 0.75
+
+    def unmerged(x, w, a, b):
+        return x @ w + scale * (x @ a) @ b
+
+    def loss(f, *args):
+        return jnp.sum(f(*args) * g)
+
+    np.testing.assert_allclose(lora_dot(x, w, a, b, scale), unmerged(x, w, a, b), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(lora_dot(x, w, a, jnp.zeros_like(b), scale), jnp.dot(x, w))
+    reference = jax.grad(lambda *p: loss(unmerged, *p), argnums=(0, 1, 2, 3))(x, w, a, b)
+    got = jax.jit(jax.grad(lambda *p: loss(lambda *q: lora_dot(*q, scale), *p), argnums=(0, 1, 2, 3)))(x, w, a, b)
+    for name, r, o in zip("xWAB", reference, got):
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-4, atol=1e-3, err_msg=name)
+    bf = [t.astype(jnp.bfloat16) for t in (x, w, a, b)]
+    assert lora_dot(*bf, scale).dtype == jnp.float32
+    grads = jax.grad(lambda *p: jnp.sum(lora_dot(*p, scale) * g), argnums=(0, 1, 2, 3))(*bf)
+    assert [t.dtype for t in grads] == [jnp.bfloat16] * 4
+    np.testing.assert_allclose(np.asarray(grads[2], np.float32), np.asarray(reference[2]), rtol=0.05, atol=0.5)
+
+
 def test_mixed_dot_gradients_equal_autodiff():
     """layers.mixed_dot's backward (the kernel's gradient as one 2-D product over the tokens) = autodiff. float32:
     to float32 rounding. bfloat16 (bf16 operands, float32 accumulation) = autodiff of the same product with float32
