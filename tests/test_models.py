@@ -123,11 +123,11 @@ def test_lora_dot_equals_the_unmerged_adapter_and_its_gradients():
     from jaxfound.models.layers import lora_dot
 
     kx, kw, ka, kb, kg = jax.random.split(jax.random.key(1), 5)
-    x = jax.random.normal(kx, (3, 7, 48), jnp.float32)
+    x = jax.random.normal(kx, (4, 8, 48), jnp.float32)  # 32 tokens: bf16 takes the 3-D view transposes
     w = jax.random.normal(kw, (48, 40), jnp.float32)
     a = jax.random.normal(ka, (48, 4), jnp.float32)
     b = jax.random.normal(kb, (4, 40), jnp.float32)
-    g = jax.random.normal(kg, (3, 7, 40), jnp.float32)
+    g = jax.random.normal(kg, (4, 8, 40), jnp.float32)
     scale = 0.75
 
     def unmerged(x, w, a, b):
@@ -146,7 +146,9 @@ def test_lora_dot_equals_the_unmerged_adapter_and_its_gradients():
     assert lora_dot(*bf, scale).dtype == jnp.float32
     grads = jax.grad(lambda *p: jnp.sum(lora_dot(*p, scale) * g), argnums=(0, 1, 2, 3))(*bf)
     assert [t.dtype for t in grads] == [jnp.bfloat16] * 4
-    np.testing.assert_allclose(np.asarray(grads[2], np.float32), np.asarray(reference[2]), rtol=0.05, atol=0.5)
+    for name, r, o in zip("xWAB", reference, grads):  # bf16 operands: to bf16 rounding of the inputs and sums
+        err = np.abs(np.asarray(o, np.float32) - np.asarray(r))
+        assert np.max(err) <= 0.03 * np.max(np.abs(np.asarray(r))), name
 
 
 def test_mixed_dot_gradients_equal_autodiff():
@@ -157,9 +159,9 @@ def test_mixed_dot_gradients_equal_autodiff():
     from jaxfound.models.layers import mixed_dot
 
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    g = jax.random.normal(kg, (3, 5, 40), jnp.float32)  # weights of the loss: a non-trivial cotangent
-    for dtype in (jnp.float32, jnp.bfloat16):
-        x = jax.random.normal(kx, (3, 5, 48), jnp.float32).astype(dtype)
+    g = jax.random.normal(kg, (4, 8, 40), jnp.float32)  # weights of the loss: a non-trivial cotangent
+    for dtype in (jnp.float32, jnp.bfloat16):  # 32 tokens, 48 inputs: bf16 takes the 3-D view transposes
+        x = jax.random.normal(kx, (4, 8, 48), jnp.float32).astype(dtype)
         w = jax.random.normal(kw, (48, 40), jnp.float32).astype(dtype)
 
         def loss(dot, x, w, dtype=dtype):

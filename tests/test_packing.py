@@ -49,14 +49,20 @@ def _windows(lengths, seed=0):
                           sentence=np.arange(n), num_words=np.asarray(lengths), num_split=0, num_cut_words=0)
 
 
-def test_packed_batches_cover_every_window_once_per_epoch_deterministically():
+@pytest.mark.parametrize("short_len", [0, 16])
+def test_packed_batches_cover_every_window_once_per_epoch_deterministically(short_len):
     lengths = np.random.default_rng(1).integers(3, 30, 57)
     w = _windows(lengths)
-    batches = ftdata.PackedBatches(w, 4, seed=3, seq_len=32, pad_id=0)
-    assert batches.padding < 0.15 and batches.shapes(2) == [32]
-    seen = []
+    batches = ftdata.PackedBatches(w, 4, seed=3, seq_len=32, pad_id=0, short_len=short_len)
+    assert batches.padding < (0.25 if short_len else 0.15) and batches.shapes(2) == ([16, 32] if short_len else [32])
+    seen, widths = [], set()
     for step in range(batches.steps_per_epoch):
         b = batches.batch(step)
+        rows, L = b["input_ids"].shape
+        widths.add(L)
+        assert rows * L == 4 * 32  # a batch holds rows of one length, as many tokens either way
+        longest = max((len(w.input_ids[i]) for r in range(rows) for i in _row_windows(b, r, w)), default=0)
+        assert longest <= L and (L == 32) == (longest > short_len) if short_len else L == 32
         for row in range(b["input_ids"].shape[0]):
             for k in range(1, b["segment_ids"][row].max() + 1):
                 where = np.flatnonzero(b["segment_ids"][row] == k)
@@ -67,13 +73,29 @@ def test_packed_batches_cover_every_window_once_per_epoch_deterministically():
                 assert match and np.array_equal(b["labels"][row, where], w.labels[match[0]])
                 seen.append(match[0])
         assert np.all(b["labels"][b["segment_ids"] == 0] == ftdata.IGNORE)
-    assert sorted(seen) == list(range(len(w)))
-    again = ftdata.PackedBatches(w, 4, seed=3, seq_len=32, pad_id=0)
+    assert sorted(seen) == list(range(len(w))) and widths == set(batches.shapes(2))
+    again = ftdata.PackedBatches(w, 4, seed=3, seq_len=32, pad_id=0, short_len=short_len)
     for step in (0, batches.steps_per_epoch + 1):
         jax.tree.map(np.testing.assert_array_equal, batches.batch(step), again.batch(step))
     halves = [batches.batch(2, p, 2) for p in (0, 1)]
     jax.tree.map(lambda a, b, full: np.testing.assert_array_equal(np.concatenate([a, b]), full), *halves,
                  batches.batch(2))
+
+
+def _row_windows(b, row, w):
+    """Indices of the windows packed in a batch row (matched by their tokens)."""
+    out = []
+    for k in range(1, b["segment_ids"][row].max() + 1):
+        ids = b["input_ids"][row, b["segment_ids"][row] == k]
+        out += [i for i in range(len(w)) if np.array_equal(w.input_ids[i], ids)][:1]
+    return out
+
+
+def test_choose_short_len_by_hand():
+    assert ftdata.choose_short_len([10] * 97 + [100] * 1, 128) == 0  # 970 of 1070 tokens fit 64: < 97%
+    assert ftdata.choose_short_len([10] * 990 + [100] * 1, 128) == 16  # 9900 of 10000: 99%
+    assert ftdata.choose_short_len([20] * 990 + [100] * 1, 128) == 32
+    assert ftdata.choose_short_len([60] * 50 + [100] * 50, 128) == 0  # most tokens need the full rows
 
 
 def test_packed_finetune_learns_like_the_unpacked_run(tmp_path):
@@ -88,7 +110,8 @@ def test_packed_finetune_learns_like_the_unpacked_run(tmp_path):
         f"data.test={valid}", "data.seq_len=32", "train.task=ner", "train.epochs=4", "train.batch_size=16",
         "train.lr=3e-3", "train.warmup_ratio=0.1", "checkpoint.every=0", "model.dropout=0.0", "data.packing=true"])
     summary = finetune(cfg)
-    assert summary["batch_lengths"] == [32] and summary["packed_padding"] < 0.2
+    # every toy sentence fits 16 tokens, so they are packed in rows of 16 (choose_short_len), 2x as many per batch
+    assert summary["batch_lengths"] == [16] and summary["packed_padding"] < 0.2
     assert summary["reports"]["test"]["f1"] > 0.9  # tests/test_finetune.py: the unpacked run's bar
     with pytest.raises(JaxfoundError, match="data.packing"):
         finetune(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task="cls")))

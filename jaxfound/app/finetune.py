@@ -195,9 +195,11 @@ def _train_batches(cfg, task, windows, pad_id: int):
     shards = data * fsdp
     rows = cfg.train.batch_size * float(windows.lengths.mean()) / seq_len
     rows = max(1, math.ceil(rows / shards)) * shards
-    packed = ftdata.PackedBatches(windows, rows, cfg.train.seed, seq_len, pad_id)
-    print(f"packing: {len(windows)} windows in {len(packed.plan)} rows of {seq_len} tokens "
-          f"({100 * packed.padding:.1f}% padding), {rows} rows (~{cfg.train.batch_size} sentences) per batch")
+    short = ftdata.choose_short_len(windows.lengths, seq_len)
+    packed = ftdata.PackedBatches(windows, rows, cfg.train.seed, seq_len, pad_id, short_len=short)
+    tiers = ", ".join(f"{len(plan)} rows of {L} tokens ({n} per batch)" for L, n, plan in packed.tiers)
+    print(f"packing: {len(windows)} windows in {tiers}, {100 * packed.padding:.1f}% padding, "
+          f"~{cfg.train.batch_size} sentences per batch")
     return packed
 
 
