@@ -158,6 +158,7 @@ def finetune(cfg) -> dict:
                      init_params(model, seq_len, cfg.train.seed, pretrained, str(cfg.model.init)))
     predictor = Predictor(model, task, labels, tokenizer, seq_len, cfg.train.batch_size, training.mesh)
     trainable = sft.report_trainable(cfg, training.state.params)
+    trainable["optimizer_state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(training.state.opt_state))
     job = Job(model=model, task=task, total_steps=total_steps, seq_len=seq_len,
               evaluate=lambda params, step: _headline(predictor.score(params, splits["valid"]))
               if "valid" in splits else {},
