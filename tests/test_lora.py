@@ -249,6 +249,8 @@ def test_lora_finetune_trains_adapters_and_head_only(lora_ner_run):
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, task_type="TOKEN_CLS",
                                                          target_modules=["query", "key", "value", "dense"]))
     assert s["trainable_params"] == peft_model.get_nb_trainable_parameters()[0]
+    # AdamW's two float32 moments for the trainable leaves only (plus step counters), none for the frozen trunk
+    assert 8 * s["trainable_params"] <= s["optimizer_state_bytes"] <= 8 * s["trainable_params"] + 64
     last = ckpt.latest_params(lora_ner_run["run"])
     base, adapters = lora.split(last["bert"])
     raw = read_weights(lora_ner_run["base"])
