@@ -62,7 +62,10 @@ def test_packed_batches_cover_every_window_once_per_epoch_deterministically(shor
         widths.add(L)
         assert rows * L == 4 * 32  # a batch holds rows of one length, as many tokens either way
         longest = max((len(w.input_ids[i]) for r in range(rows) for i in _row_windows(b, r, w)), default=0)
-        assert longest <= L and (L == 32) == (longest > short_len) if short_len else L == 32
+        if short_len:  # the short tier's batches hold only windows that fit it, the full tier's only the others
+            assert longest <= L and (L == 32) == (longest > short_len)
+        else:
+            assert L == 32
         for row in range(b["input_ids"].shape[0]):
             for k in range(1, b["segment_ids"][row].max() + 1):
                 where = np.flatnonzero(b["segment_ids"][row] == k)
