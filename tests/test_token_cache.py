@@ -20,7 +20,7 @@ from jaxfound.data.pipeline import (
     packed_fingerprint,
 )
 from jaxfound.data.synthetic import synthetic_corpus
-from jaxfound.data.token_cache import cached_corpus, encoding_for, storage_dtype
+from jaxfound.data.token_cache import ShardFile, cached_corpus, encoding_for, storage_dtype
 from jaxfound.data.tokenizer import train_tokenizer
 from jaxfound.errors import JaxfoundError
 
@@ -58,7 +58,10 @@ def test_second_run_reuses_the_cache_without_tokenizing(tmp_path, corpus_dir, to
     again = cached_corpus(str(corpus_dir), "auto", "text", encoding, tmp_path, workers=1)
     assert calls == [0] and again.digest == first.digest
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
-    assert isinstance(again.shards[0], np.memmap) and isinstance(again.doc_offsets, np.memmap)
+    assert isinstance(again.shards[0], ShardFile) and isinstance(again.doc_offsets, np.memmap)  # nothing read whole
+    whole = np.load(again.shards[0].path, allow_pickle=False)
+    assert np.array_equal(again.shards[0][0:len(whole)], whole) and np.array_equal(again.shards[0][5:9], whole[5:9])
+    assert len(again.shards[0][len(whole) - 2:len(whole) + 5]) == 2 and len(again.shards[0][7:3]) == 0
 
 
 def test_changed_corpus_or_tokenizer_makes_a_new_entry(tmp_path, corpus_dir, tokenizers, monkeypatch):
