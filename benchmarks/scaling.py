@@ -29,7 +29,7 @@ from jaxfound.config import load_config  # noqa: E402
 RECIPES = {  # name -> (recipe, overrides, [(topology, [mesh names])]): the slices each recipe is sized for
     # without remat its activations (8 x 1024 tokens per chip) overflow a v5e chip; the compiler said 16+ GiB
     "gpt2_medium (clm, seq 1024, bf16, remat full)": ("gpt2_medium_clm.yaml", ["model.remat=full"],
-                                                      [("v5e:2x2", ["fsdp"]), ("v5p:2x2x1", ["fsdp"])]),
+                                                      [("v5e:2x2", ["fsdp", "data"]), ("v5p:2x2x1", ["fsdp"])]),
     "llama_1b (clm, seq 2048, bf16)": ("llama_1b_clm.yaml", [], [("v5e:4x4", ["fsdp"]), ("v5p:2x2x1", ["fsdp"])]),
     "gpt2_small (clm, seq 1024, bf16)": ("gpt2_small_clm.yaml", [], [("v5e:2x2", ["data"]), ("v5p:2x2x1", ["data"])]),
     "bert_base (mlm, seq 128, bf16)": ("bert_base_mlm.yaml", [], [("v5e:2x2", ["data"]), ("v5p:2x2x1", ["data"])]),
@@ -55,6 +55,16 @@ v5p (8.25 vs 4.1 GB per added layer). Not explained yet: the 1-layer v5e compile
 fusion off (LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=false) has no copies (the old per-copy count
 gives 15 all-gathers, 128.5 MB, as the new count does with it on; 50 and 1.53 GB the old way with it on) and
 reports 22.1 GB of bytes_accessed against 21.3 GB with it on, so the copies do not inflate that count there.
+
+gpt2_medium on v5e:2x2, more settings (stop 33): a pure data-parallel mesh (4, 1, 1) fits (7.75 GiB: params and
+Adam moments replicated, one 297 MiB gradient all-reduce) and estimates 42.6% (was 39.1% with fsdp): the fsdp
+collective matmuls are gone, but the step is still bound by XLA's bytes (237 ms of HBM time against 118 ms of
+compute). `model.remat=dots_saveable` with fsdp does not fit (17.43 GiB) and estimates 31.9%. XLA counts 7.42 GB
+of bytes_accessed per added layer on v5e (23.35 GB for one layer, 30.78 GB for two, data mesh), while the operands
+plus results of the optimized program's top-level instructions of layer 1 sum to ~2.5 GB: XLA's TPU cost model
+charges more than each op reading its inputs and writing its outputs once (re-reads per tile, by our reading). With
+~2.5 GB a layer the step would be compute-bound; which count a v5e follows can only be measured on one
+(`jaxfound bench -c configs/gpt2_medium_clm.yaml` on a v5e slice), not settled from a CPU host.
 """
 
 
