@@ -200,7 +200,12 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="pretrain steps and timed steps per side")
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
+    parser.add_argument("--training-only", action="store_true",
+                        help="measure training again from the cache an earlier run left under --work, keeping that "
+                             "run's tokenization rows from --out (after a change on the training side)")
     args = parser.parse_args()
+    if args.training_only and not (args.work and Path(args.out).is_file()):
+        parser.error("--training-only needs --work (the earlier run's scratch dir, holding its cache) and its --out")
     from transformers import AutoTokenizer
 
     work = Path(args.work or tempfile.mkdtemp(prefix="jaxfound_data_pipeline_"))
@@ -223,10 +228,15 @@ def main():
              ("step_time", lambda: bench_step_time(files, work, tok_dir, args.steps)),
              ("tokenization", lambda: {**result["tokenization"],
                                        **bench_datasets(files, work, tokenizer, args.workers, result["tokenization"])}))
+    if args.training_only:
+        result["tokenization"] = json.loads(out.read_text())["tokenization"]
+        result["tokenization_from"] = "an earlier run of this command on the same corpus (this one: --training-only)"
+        result["command"] += " --training-only"
+        parts = parts[1:3]
     for name, measure in parts:  # the slow reference last: a run cut short keeps the jaxfound side
         result[name] = measure()
-        result["note"] = ("CPU shared with other jobs (other engineers' tests) during the run; load average "
-                          f"{load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} after {name}")
+        result["note"] = (f"1-minute load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} after "
+                          f"{name} ({os.cpu_count()} cores)")
         out.write_text(json.dumps(result, indent=2) + "\n")
     tokenization, pretrain, steps = result["tokenization"], result["pretrain_from_cache"], result["step_time"]
     t, p, s = tokenization, pretrain, steps

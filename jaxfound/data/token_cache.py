@@ -1,17 +1,17 @@
 """A tokenized corpus: every document's tokens end to end, with an index of where each document starts.
 
 On disk (data.cache_dir) it is tokenized once, by worker processes, into fixed-width numpy shards that later runs
-open as memory maps:
+read by position (ShardFile; the document index is a memory map):
 
     cache_dir/files.json                   path -> (size, mtime_ns, content blake2b): the fast path of the key
     cache_dir/<key>/manifest.json          tokenizer, corpus digest, dtype, counts, shard sizes, token digest
     cache_dir/<key>/tokens-00000.npy ...   token ids (uint16 when the vocabulary fits, else int32), shard by shard
     cache_dir/<key>/doc_offsets.npy        int64[num_docs + 1]: document d is tokens [offsets[d], offsets[d + 1])
 
-Why memory-mapped .npy and not ArrayRecord: pretraining rows are fixed-width windows of one token stream, so row r
+Why fixed-width .npy and not ArrayRecord: pretraining rows are fixed-width windows of one token stream, so row r
 is a byte offset away, read without decoding; the seq_len is chosen at training time, not baked into records; the
 page cache is shared by every process on a host; and numpy reads the files without pickle. Opening a cache reads
-the manifest only, so start-up does not grow with the corpus.
+the manifest and the shards' headers only, so start-up does not grow with the corpus.
 
 The key is a hash of the corpus content (the files' bytes, in corpus order; paths do not count), the reader
 settings and the tokenizer (its tokenizer.json and whether specials / eos are added). Hashing a file reads it; its
