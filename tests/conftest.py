@@ -64,10 +64,11 @@ def smollm2_dir(smollm2_hf, smollm2_tokenizer, tmp_path_factory) -> Path:
     return out
 
 
-# The suite runs on two pytest-xdist workers, whole files per worker (README: -n 2 --dist loadfile). Workers take
-# files in collection order as they free up, so the longest files go first (longest-processing-time-first): with
-# test_readme.py last, one worker ran it alone for its last ~6 minutes. Seconds per file measured on this 2-core
-# machine with two workers (--durations); files not named keep their order after these.
+# The suite runs on two pytest-xdist workers, whole files per worker, in collection order (README: -n 2 --dist
+# loadfile --no-loadscope-reorder; xdist's default order is by number of tests per file). Workers take files as they
+# free up, so the longest files go first (longest-processing-time-first): with test_readme.py late, one worker ran it
+# alone for the run's last ~6 minutes. Seconds per file measured on this 2-core machine with two workers
+# (--durations); files not named keep their order after these.
 SLOW_FILES_FIRST = ("test_readme.py", "test_pretrain.py", "test_compile.py", "test_fault_tolerance.py",
                     "test_scan.py", "test_quantize_decoder.py", "test_smollm2.py", "test_sharding.py",
                     "test_lora.py", "test_models.py", "test_sft.py", "test_serve.py", "test_multiprocess.py",
