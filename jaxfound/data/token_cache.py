@@ -97,9 +97,7 @@ class ShardFile:
         if header.ndim != 1:
             raise JaxfoundError(f"{path}: a token shard is 1-D, this array has shape {header.shape}; rebuild the "
                                 "cache (delete its entry directory)")
-        shard = cls(str(path), header.dtype, int(header.offset), len(header))
-        del header
-        return shard
+        return cls(str(path), header.dtype, int(header.offset), len(header))
 
     def __len__(self) -> int:
         return self.length
