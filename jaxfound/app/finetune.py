@@ -137,6 +137,40 @@ def _model_and_data(cfg, task):
     return model_cfg, pretrained, tokenizer, labels, _read_splits(cfg, task, labels, tokenizer)
 
 
+@dataclasses.dataclass
+class Setup:
+    """What `finetune` trains: the config (its model section resolved from model.init), the task, model, labels,
+    tokenizer, tokenized splits, the train batches (one epoch's plan) and the sharded state with its jitted step."""
+
+    cfg: object
+    task: object
+    model: object
+    labels: list
+    tokenizer: object
+    splits: dict
+    train: object  # ftdata.BucketedBatches or ftdata.PackedBatches
+    total_steps: int
+    training: object  # jaxfound.train.build.Training
+
+
+def setup(cfg) -> Setup:
+    """Model, data and the compiled-on-first-call train step of a fine-tuning run, built as `finetune` builds them
+    (benchmarks time its steps; nothing is written)."""
+    task = resolve_task(cfg)
+    initialize_distributed(cfg.mesh)
+    _check(cfg, task)
+    model_cfg, pretrained, tokenizer, labels, splits = _model_and_data(cfg, task)
+    seq_len, pad_id = cfg.data.seq_len, ftdata.special_ids(tokenizer)[2]
+    train = _train_batches(cfg, task, splits["train"].windows, pad_id)
+    total_steps = cfg.train.epochs * train.steps_per_epoch
+    model = build_model(model_cfg, task.head)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    rows = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=train.batch_size))
+    training = build(rows, model, task.loss, seq_len, cfg.train.schedule_steps or total_steps,
+                     init_params(model, seq_len, cfg.train.seed, pretrained, str(cfg.model.init)))
+    return Setup(cfg, task, model, labels, tokenizer, splits, train, total_steps, training)
+
+
 def finetune(cfg) -> dict:
     """Fine-tune model.init on data.train, keep the best valid checkpoint, report on valid and test."""
     task = resolve_task(cfg)
@@ -145,17 +179,12 @@ def finetune(cfg) -> dict:
     initialize_distributed(cfg.mesh)
     _check(cfg, task)
     runs.check_run_dir(cfg.run.dir)
-    model_cfg, pretrained, tokenizer, labels, splits = _model_and_data(cfg, task)
-    seq_len, pad_id = cfg.data.seq_len, ftdata.special_ids(tokenizer)[2]
-    train = _train_batches(cfg, task, splits["train"].windows, pad_id)
-    total_steps = cfg.train.epochs * train.steps_per_epoch
-    model = build_model(model_cfg, task.head)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    run = setup(cfg)
+    cfg, task, model, labels, tokenizer = run.cfg, run.task, run.model, run.labels, run.tokenizer
+    splits, train, total_steps, training = run.splits, run.train, run.total_steps, run.training
+    seq_len = cfg.data.seq_len
     if jax.process_index() == 0:
         runs.write_labels_and_tokenizer(cfg.run.dir, labels, tokenizer)
-    rows = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=train.batch_size))
-    training = build(rows, model, task.loss, seq_len, cfg.train.schedule_steps or total_steps,
-                     init_params(model, seq_len, cfg.train.seed, pretrained, str(cfg.model.init)))
     predictor = Predictor(model, task, labels, tokenizer, seq_len, cfg.train.batch_size, training.mesh)
     trainable = sft.report_trainable(cfg, training.state.params)
     trainable["optimizer_state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(training.state.opt_state))

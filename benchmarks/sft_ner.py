@@ -1,8 +1,8 @@
 """CoNLL-2003 NER as generation: SmolLM2-135M-Instruct zero-shot vs the same model LoRA-SFT'd to write its entities.
 
-    python benchmarks/ner_generative.py --smoke                 # end to end in minutes: 32 train, 8 test sentences
-    python benchmarks/ner_generative.py                         # 2000 train sentences, 1 epoch, 300 test sentences
-    python benchmarks/ner_generative.py --train-limit 500 --test-limit 100 --out /tmp/ner_gen.json
+    python benchmarks/sft_ner.py --smoke                 # end to end in minutes: 32 train, 8 test sentences
+    python benchmarks/sft_ner.py                         # 2000 train sentences, 1 epoch, 300 test sentences
+    python benchmarks/sft_ner.py --train-limit 500 --test-limit 100 --out /tmp/ner_gen.json
 
 Subset: the FIRST --train-limit sentences of CoNLL-2003 train (eng.train, default 2000 of 14,041), the first
 --valid-limit of valid (eng.testa, default 100; held-out loss, picks the best params) and the first --test-limit of
@@ -19,7 +19,7 @@ in "bad lines". Generation tok/s: generated tokens over prefill + decode seconds
 whole `instruct` call (tokenizing, compiling, training, held-out loss). Writes JSON (--out) and prints a table.
 --dtype bfloat16 trains with bfloat16 compute (float32 master weights; 1.6x faster steps on a CPU with AMX),
 --lora-dropout 0 drops the adapters' input dropout (PEFT's default; a third of the step on XLA:CPU).
-benchmarks/results/ner_generative.json came from `--train-limit 3000 --test-limit 1000 --dtype bfloat16
+benchmarks/results/sft_ner.json came from `--train-limit 3000 --test-limit 1000 --dtype bfloat16
 --lora-dropout 0` (its "settings" say so), on a 2-core machine shared with a CI run for most of it.
 """
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DATA), help="folder with CoNLL-2003 train.txt, valid.txt, test.txt")
     p.add_argument("--work", default=None, help="folder for the JSONL files, the run dir and the answers "
                    "(default: a temporary one, removed)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ner_generative.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sft_ner.json"))
     args = p.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps({"words": list(s.words), "gold": list(s.tags),
                                     **{name: a["texts"][i] for name, a in answers.items()}}) + "\n")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "data")}
-    out = {"benchmark": "ner_generative", "model": str(model_path.name), "settings": settings, "train": trained,
+    out = {"benchmark": "sft_ner", "model": str(model_path.name), "settings": settings, "train": trained,
            "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
