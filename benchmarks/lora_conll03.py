@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="no fine-tuning runs: the results of ner_conll03.py / lora_conll03.py files (step time is "
                         "still measured unless --step-samples 0)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="TEXT",
+                   help="with --combine: leave out results whose side name contains any of these")
     args = p.parse_args(argv)
     args.model = args.model or minilm_dir()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -213,7 +215,8 @@ def main(argv=None) -> int:
              for k in ("train", "valid", "test")}
     results: list[dict] = []
     if args.combine:
-        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["results"]]
+        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["results"]
+                   if not any(text in r["side"] for text in args.exclude)]
     else:
         for seed in args.seeds:
             if "full" in args.sides:

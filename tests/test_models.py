@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxfound.config import ModelConfig
 from jaxfound.models import build_model
@@ -115,6 +116,24 @@ def test_dropout_rate_mean_and_determinism():
     np.testing.assert_array_equal(Dropout(0.1).apply({}, x, True), x)
     u = np.asarray(uniform_u16(jax.random.key(1), (1000, 33)), np.float64)
     assert u.shape == (1000, 33) and abs(u.mean() / 65535 - 0.5) < 0.01  # uniform over [0, 65535]
+
+
+def test_hashed_bits_are_balanced_uncorrelated_and_keyed():
+    """Dropout's counter hash: every bit is 1 half the time, neighbouring words and words under different keys are
+    uncorrelated, and the same key gives the same words."""
+    from jaxfound.models.layers import hashed_bits
+
+    w = np.asarray(hashed_bits(jax.random.key(3), (256, 1024)), np.uint64)
+    n = w.size
+    bits = (w[..., None] >> np.arange(32, dtype=np.uint64)) & 1
+    assert np.all(np.abs(bits.mean(axis=(0, 1)) - 0.5) < 5 * (0.25 / n) ** 0.5)  # each of the 32 bits balanced
+    u = w.astype(np.float64).ravel() / 2**32
+    for lag in (1, 2, 1024):  # neighbours along a row and down a column
+        assert abs(np.corrcoef(u[:-lag], u[lag:])[0, 1]) < 5 / n**0.5
+    v = np.asarray(hashed_bits(jax.random.key(4), (256, 1024)), np.float64).ravel() / 2**32
+    assert abs(np.corrcoef(u, v)[0, 1]) < 5 / n**0.5
+    assert np.mean((u < 0.1) == (v < 0.1)) == pytest.approx(0.1**2 + 0.9**2, abs=5 * (0.18 / n) ** 0.5)
+    np.testing.assert_array_equal(np.asarray(hashed_bits(jax.random.key(3), (256, 1024))), w.astype(np.uint32))
 
 
 def test_lora_dot_equals_the_unmerged_adapter_and_its_gradients():
