@@ -101,7 +101,20 @@ def step_times(args, train_file: str) -> dict:
     out["lora_over_full"] = round(out["lora"]["step_ms_median"] / out["full"]["step_ms_median"], 4)
     out["samples"] = args.step_samples
     out["load_average_at_start"] = round(os.getloadavg()[0], 2)
+    out["cpu"] = cpu_model()
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the vector units that set XLA:CPU's float32 / bf16 matmul speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "unknown")
+    flags = next((x.split(":", 1)[1].split() for x in info.splitlines() if x.startswith("flags")), [])
+    units = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(units) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def summarize(results: list[dict], steps: dict | None, dtype: str) -> dict:
@@ -176,7 +189,7 @@ def report(results: list[dict], steps: dict, run_args: dict, out_path: str) -> i
         if "wall_clock_lora_over_peft" in s:
             print(f"  wall clock LoRA / PEFT: {s['wall_clock_lora_over_peft']:.3f} (target <= {TARGET_WALL}); "
                   f"F1 LoRA - PEFT: {s.get('lora_f1_minus_peft_points', float('nan')):+.2f} pt")
-    out = {"args": run_args, "results": results, "summary": summary}
+    out = {"args": run_args, "note": run_args.get("note"), "results": results, "summary": summary}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(out, indent=2))
     print(f"wrote {out_path}")
@@ -205,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="no fine-tuning runs: the results of ner_conll03.py / lora_conll03.py files (step time is "
                         "still measured unless --step-samples 0)")
+    p.add_argument("--note", default=None, help="a sentence kept in the JSON (where and how the runs were made)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="TEXT",
                    help="with --combine: leave out results whose side name contains any of these")
     args = p.parse_args(argv)

@@ -70,9 +70,11 @@ class ModelConfig:
     dtype: str = _choice("float32", "float32", "bfloat16")  # compute dtype
     param_dtype: str = _choice("float32", "float32", "bfloat16")
     # rematerialise each block in the backward pass: 'full' saves nothing inside a block, 'dots_saveable' keeps matmul
-    # outputs, 'dots_with_no_batch_dims_saveable' keeps those without batch dims (jax.checkpoint_policies); true/false
-    # (earlier configs) read as full/none
-    remat: str = _choice("none", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+    # outputs, 'dots_with_no_batch_dims_saveable' keeps those without batch dims (jax.checkpoint_policies),
+    # 'save_activations' / 'save_projections' keep the block's named activations / its projections' outputs
+    # (models.scan.REMAT_POLICIES); true/false (earlier configs) read as full/none
+    remat: str = _choice("none", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                         "save_activations", "save_projections")
     scan_layers: bool = False  # one block compiled and scanned over params stacked on a leading 'layers' axis
     # attention kernel: 'auto' = XLA's einsum form on CPU, cuDNN flash attention on GPU, Pallas splash on TPU;
     # 'xla' (the einsum form), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn', 'splash' force one

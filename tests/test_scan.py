@@ -1,8 +1,11 @@
 """Scanned layers (model.scan_layers) against the unrolled model as the reference: the same params tree once stacked,
 the same logits, losses, gradients under every remat policy, the same transformers files; runs open unrolled."""
 
+import contextlib
 import dataclasses
+import io
 import json
+import re
 from pathlib import Path
 
 import flax.linen as nn
@@ -10,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from safetensors.numpy import load_file
 
 from jaxfound import runs
@@ -103,7 +107,8 @@ def test_scanned_logits_equal_unrolled(arch, head):
                                    model.apply({"params": params}, ids, masked_positions=pos), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ("full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
+@pytest.mark.parametrize("remat", ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_activations",
+                                   "save_projections"))
 @pytest.mark.parametrize("arch", ("bert", "gpt", "llama"))
 def test_remat_policies_give_the_gradients_of_no_remat(arch, remat):
     head = LM_HEAD[arch]
@@ -120,6 +125,20 @@ def test_remat_policies_give_the_gradients_of_no_remat(arch, remat):
         g = grads(m, p)
         g = unstack_layers(g) if scan_layers else g
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, reference)
+
+
+@pytest.mark.parametrize("arch", ("gpt", "llama"))
+@pytest.mark.parametrize("remat", ("save_activations", "save_projections"))
+def test_named_remat_policies_save_the_named_activations(arch, remat):
+    """Unrolled, where the saved residuals keep their names (a scan stacks them; the gradients test covers it)."""
+    model, params, _, _ = _pair(arch, "lm")
+    want = {"save_projections": {"qkv", "attn_out", "mlp_up"}}.get(remat, {
+        "attn_in", "qkv", "attn_out", "mlp_in", "mlp_up", "mlp_act"})
+    m = build_model(dataclasses.replace(model.cfg, remat=remat), "lm")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda p: jnp.sum(m.apply({"params": p}, _ids())), params)
+    assert set(re.findall(r"named '(\w+)'", out.getvalue())) == want
 
 
 def _batch(arch, B=8, seed=0):

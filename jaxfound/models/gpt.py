@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxfound.models import cache as kv_cache
 from jaxfound.models import layers, scan
@@ -25,11 +26,14 @@ class GPTBlock(nn.Module):
         cfg = self.cfg
         drop = layers.Dropout(cfg.dropout)
         attend = layers.SelfAttention(cfg, causal=True, name="attention")
-        a_BxLxD = attend(layers.layer_norm(cfg, "ln_1")(h_BxLxD), mask, cache=cache, index_B=index_B)
+        # names for remat policies: models.scan.PROJECTION_NAMES
+        x_BxLxD = checkpoint_name(layers.layer_norm(cfg, "ln_1")(h_BxLxD), "attn_in")
+        a_BxLxD = attend(x_BxLxD, mask, cache=cache, index_B=index_B)
         if cache is not None:
             a_BxLxD, cache = a_BxLxD
         h_BxLxD = h_BxLxD + drop(a_BxLxD, deterministic=deterministic)
-        m_BxLxD = layers.MLP(cfg, name="mlp")(layers.layer_norm(cfg, "ln_2")(h_BxLxD))
+        x_BxLxD = checkpoint_name(layers.layer_norm(cfg, "ln_2")(h_BxLxD), "mlp_in")
+        m_BxLxD = layers.MLP(cfg, name="mlp")(x_BxLxD)
         h_BxLxD = layers.constrain(h_BxLxD + drop(m_BxLxD, deterministic=deterministic), ACT)
         return h_BxLxD if cache is None else (h_BxLxD, cache)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxfound.models import cache as kv_cache
 from jaxfound.models import layers, scan
@@ -95,12 +96,14 @@ class LlamaBlock(nn.Module):
     def __call__(self, h_BxLxD, mask, positions_BxL, deterministic: bool, cache=None, index_B=None):
         cfg = self.cfg
         drop = layers.Dropout(cfg.dropout)
-        a_BxLxD = LlamaAttention(cfg, name="attention")(layers.rms_norm(cfg, "input_norm")(h_BxLxD), mask,
-                                                         positions_BxL, cache, index_B)
+        # names for remat policies: models.scan.PROJECTION_NAMES
+        x_BxLxD = checkpoint_name(layers.rms_norm(cfg, "input_norm")(h_BxLxD), "attn_in")
+        a_BxLxD = LlamaAttention(cfg, name="attention")(x_BxLxD, mask, positions_BxL, cache, index_B)
         if cache is not None:
             a_BxLxD, cache = a_BxLxD
         h_BxLxD = h_BxLxD + drop(a_BxLxD, deterministic=deterministic)
-        m_BxLxD = SwiGLU(cfg, name="mlp")(layers.rms_norm(cfg, "post_attention_norm")(h_BxLxD))
+        x_BxLxD = checkpoint_name(layers.rms_norm(cfg, "post_attention_norm")(h_BxLxD), "mlp_in")
+        m_BxLxD = SwiGLU(cfg, name="mlp")(x_BxLxD)
         h_BxLxD = layers.constrain(h_BxLxD + drop(m_BxLxD, deterministic=deterministic), ACT)
         return h_BxLxD if cache is None else (h_BxLxD, cache)
 
