@@ -26,7 +26,7 @@ class GPTBlock(nn.Module):
         cfg = self.cfg
         drop = layers.Dropout(cfg.dropout)
         attend = layers.SelfAttention(cfg, causal=True, name="attention")
-        # names for remat policies: models.scan.PROJECTION_NAMES
+        # names for remat policies: models.scan.REMAT_POLICIES
         x_BxLxD = checkpoint_name(layers.layer_norm(cfg, "ln_1")(h_BxLxD), "attn_in")
         a_BxLxD = attend(x_BxLxD, mask, cache=cache, index_B=index_B)
         if cache is not None:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxfound.models import cache as kv_cache
 from jaxfound.models import lora as lora_lib
@@ -482,8 +483,9 @@ class SelfAttention(nn.Module):
         B, L, D = h_BxLxD.shape
         N = cfg.num_heads
         h_query_BxQxD = h_BxLxD if h_query_BxQxD is None else h_query_BxQxD
-        def heads(name, x_BxTxD):
-            x = dense(cfg, D, ("embed", "heads"), name)(x_BxTxD).reshape(B, x_BxTxD.shape[1], N, D // N)
+        def heads(name, x_BxTxD):  # remat names: models.scan.REMAT_POLICIES
+            x = checkpoint_name(dense(cfg, D, ("embed", "heads"), name)(x_BxTxD), "qkv")
+            x = x.reshape(B, x_BxTxD.shape[1], N, D // N)
             return constrain(x, ("act_batch", "act_len", "act_heads", None))
         q_BxQxNxH = heads("query", h_query_BxQxD)
         k_BxLxNxH, v_BxLxNxH = heads("key", h_BxLxD), heads("value", h_BxLxD)
@@ -493,7 +495,7 @@ class SelfAttention(nn.Module):
             if cache is not None:
                 cache = kv_cache.write(cache, k_BxLxNxH, v_BxLxNxH, index_B)
             out_BxQxNxH = attention(q_BxQxNxH, k_BxLxNxH, v_BxLxNxH, mask, self.causal, impl=cfg.attention)
-        out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(out_BxQxNxH.reshape(B, -1, D))
+        out_BxQxD = dense(cfg, D, ("heads", "embed"), "out")(checkpoint_name(out_BxQxNxH.reshape(B, -1, D), "attn_out"))
         return out_BxQxD if cache is None else (out_BxQxD, cache)
 
 
@@ -503,6 +505,6 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BxLxD):
         cfg = self.cfg
-        x_BxLxF = ACTIVATIONS[cfg.activation](dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up")(h_BxLxD))
-        x_BxLxF = constrain(x_BxLxF, ("act_batch", "act_len", "act_mlp"))
-        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down")(x_BxLxF)
+        up_BxLxF = checkpoint_name(dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up")(h_BxLxD), "mlp_up")
+        x_BxLxF = constrain(ACTIVATIONS[cfg.activation](up_BxLxF), ("act_batch", "act_len", "act_mlp"))
+        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down")(checkpoint_name(x_BxLxF, "mlp_act"))

@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
                 x = fused[name]
             else:
                 x = layers.dense(cfg, heads * H, ("embed", "heads"), name, use_bias=cfg.attention_bias)(h_BxLxD)
-                x = x.reshape(B, L, heads, H)
+                x = checkpoint_name(x, "qkv").reshape(B, L, heads, H)  # remat names: models.scan.REMAT_POLICIES
             if cfg.qk_norm and name != "value":
                 x = layers.rms_norm(cfg, name[0] + "_norm", ("head_dim",))(x)
             return layers.constrain(x, ("act_batch", "act_len", "act_heads", None))
@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
             out_BxLxNxH = layers.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask, True, impl=cfg.attention,
                                            window=cfg.sliding_window)
         out_BxLxD = layers.dense(cfg, cfg.hidden_size, ("heads", "embed"), "out", use_bias=False)(
-            out_BxLxNxH.reshape(B, L, N * H))
+            checkpoint_name(out_BxLxNxH.reshape(B, L, N * H), "attn_out"))
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
@@ -82,11 +82,13 @@ class SwiGLU(nn.Module):
             gate_up = layers.dense(cfg, 2 * F, ("embed", "mlp"), "gate_up", use_bias=False)(h_BxLxD)
             gate_BxLxF, up_BxLxF = gate_up[..., :F], gate_up[..., F:]
         else:
-            gate_BxLxF = layers.dense(cfg, F, ("embed", "mlp"), "gate", use_bias=False)(h_BxLxD)
-            up_BxLxF = layers.dense(cfg, F, ("embed", "mlp"), "up", use_bias=False)(h_BxLxD)
+            gate_BxLxF = checkpoint_name(layers.dense(cfg, F, ("embed", "mlp"), "gate", use_bias=False)(h_BxLxD),
+                                         "mlp_up")
+            up_BxLxF = checkpoint_name(layers.dense(cfg, F, ("embed", "mlp"), "up", use_bias=False)(h_BxLxD), "mlp_up")
         x_BxLxF = layers.constrain(layers.ACTIVATIONS[cfg.activation](gate_BxLxF) * up_BxLxF,
                                    ("act_batch", "act_len", "act_mlp"))
-        return layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down", use_bias=False)(x_BxLxF)
+        return layers.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down", use_bias=False)(
+            checkpoint_name(x_BxLxF, "mlp_act"))
 
 
 class LlamaBlock(nn.Module):
@@ -96,7 +98,7 @@ class LlamaBlock(nn.Module):
     def __call__(self, h_BxLxD, mask, positions_BxL, deterministic: bool, cache=None, index_B=None):
         cfg = self.cfg
         drop = layers.Dropout(cfg.dropout)
-        # names for remat policies: models.scan.PROJECTION_NAMES
+        # names for remat policies: models.scan.REMAT_POLICIES
         x_BxLxD = checkpoint_name(layers.rms_norm(cfg, "input_norm")(h_BxLxD), "attn_in")
         a_BxLxD = LlamaAttention(cfg, name="attention")(x_BxLxD, mask, positions_BxL, cache, index_B)
         if cache is not None:

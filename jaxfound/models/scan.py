@@ -17,22 +17,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
-
-from jaxfound.models.layers import Dense
 
 STACKED = "layers"  # the scanned trunk's subtree, and the logical name of its leading axis
 LAST_UNSCANNED = ("bert", "roberta")  # trunks whose last layer stays its own module
 CACHE_NEEDS_UNROLLED = ("a KV cache needs unrolled layers: decode with model.scan_layers=false and "
                         "jaxfound.models.scan.unstack_layers(params) (runs.open_run does both)")
 # Activations a block names for remat policies (jax.ad_checkpoint.checkpoint_name), each (batch, len, features):
-#   attn_in / mlp_in    the normed input of the attention / MLP sublayer (the block tags them)
-#   qkv                 the query, key and value projections
+#   attn_in / mlp_in    the normed input of the attention / MLP sublayer (the decoder blocks tag them)
+#   qkv                 the query, key and value projections      (layers.SelfAttention, llama.LlamaAttention)
 #   attn_out            the attention kernel's output, the input of the out-projection
-#   mlp_up              the MLP's up (and gate) projection, before the activation
+#   mlp_up              the MLP's up (and gate) projection, before the activation  (layers.MLP, llama.SwiGLU)
 #   mlp_act             the activated MLP hidden, the input of the down-projection
-PROJECTION_NAMES = {"query": "qkv", "key": "qkv", "value": "qkv", "up": "mlp_up", "gate": "mlp_up"}  # Dense outputs
-PROJECTION_INPUT_NAMES = {"out": "attn_out", "down": "mlp_act"}  # Dense inputs
 _save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES = {  # model.remat -> what a rematerialised block saves for the backward pass (None: nothing)
     "full": None,
@@ -51,37 +46,13 @@ def num_scanned(trunk: str, num_layers: int) -> int:
     return num_layers - 1 if trunk in LAST_UNSCANNED else num_layers
 
 
-def _name_projections(next_fun, args, kwargs, context):
-    """A flax method interceptor: names the projections' outputs and inputs (PROJECTION_NAMES) for remat policies."""
-    name = context.module.name
-    if context.method_name != "__call__" or not isinstance(context.module, Dense) or not args:
-        return next_fun(*args, **kwargs)
-    if name in PROJECTION_INPUT_NAMES:
-        args = (checkpoint_name(args[0], PROJECTION_INPUT_NAMES[name]), *args[1:])
-    y = next_fun(*args, **kwargs)
-    return checkpoint_name(y, PROJECTION_NAMES[name]) if name in PROJECTION_NAMES else y
-
-
-def _named(block_cls):
-    """block_cls whose projections inside are named for remat policies (the attention and MLP modules are shared
-    with the encoders, which never see the names)."""
-
-    class Named(block_cls):
-        def __call__(self, *args, **kwargs):
-            with nn.intercept_methods(_name_projections):
-                return block_cls.__call__(self, *args, **kwargs)
-
-    Named.__name__ = Named.__qualname__ = block_cls.__name__
-    return Named
-
-
 def checkpointed(block_cls, cfg, static_argnums: tuple[int, ...]):
     """block_cls rematerialised in the backward pass as cfg.remat says; the class itself for 'none'.
     static_argnums count self as 0, as nn.remat does."""
     if cfg.remat == "none":
         return block_cls
     # inside a scan the loop already keeps XLA from merging the recomputation into the forward pass
-    return nn.remat(_named(block_cls), policy=REMAT_POLICIES[cfg.remat], static_argnums=static_argnums,
+    return nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], static_argnums=static_argnums,
                     prevent_cse=not cfg.scan_layers)
 
 
