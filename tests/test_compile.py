@@ -135,3 +135,23 @@ def test_async_collective_fusion_copies_count_once():
     other = "  %all-gather.9 = bf16[1024,4096]{1,0} all-gather(%param_0.9), channel_id=98, dimensions={0}\n"
     hlo = "".join(f"%fused_computation.{i} {{\n{copy.format(i=i)}}}\n" for i in range(26)) + other
     assert aot.collectives(hlo) == {"all-gather": {"count": 2, "bytes": (50304 * 1024 + 1024 * 4096) * 2}}
+
+
+def test_matmul_tiling_benchmark_charges_at_least_the_operands(tmp_path):
+    """benchmarks/tpu_matmul_tiling.py on small shapes: every product is charged at least its operands and result
+    read once (XLA cannot move fewer bytes than that), and the table's ratio is bytes_accessed over that."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "tpu_matmul_tiling.py"
+    spec = importlib.util.spec_from_file_location("tpu_matmul_tiling", path)
+    tiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiling)
+
+    out = tmp_path / "tiling.json"
+    assert tiling.main(["--hidden", "128", "--mlp", "512", "--rows", "256", "1024", "--chips", "v5e",
+                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 * 2
+    down = next(r for r in rows if r["product"].startswith("mlp down") and r["rows"] == 256)
+    assert down["operands_once"] == 2 * (256 * 512 + 512 * 128 + 256 * 128)  # bf16 operands and result
+    for r in rows:
+        assert r["bytes_accessed"] >= 0.99 * r["operands_once"] and r["ratio"] == pytest.approx(
+            r["bytes_accessed"] / r["operands_once"])
