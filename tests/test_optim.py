@@ -108,3 +108,15 @@ def test_train_step_equals_mean_gradients_through_optax_clip_and_adamw():
     assert float(metrics["grad_norm"]) > 0.05  # the clip is active
     np.testing.assert_allclose(metrics["param_norm"], optax.tree.norm(want), rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), new_state.params, want)
+
+    # with frozen leaves param_norm is the trained leaves' norm, by hand (here the kernels train, the rest is frozen)
+    def kernels(p):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if "'kernel'" in jax.tree_util.keystr(path) else "frozen", p)
+    frozen_state, frozen_metrics = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, loss_fn=mlm_loss, seed=0,
+                                                                   labels=kernels))(state, batch)
+    labels = jax.tree.leaves(kernels(params))
+    trained = [p for p, label in zip(jax.tree.leaves(frozen_state.params), labels) if label == "train"]
+    assert 0 < len(trained) < len(labels)
+    by_hand = np.sqrt(sum(np.sum(np.square(np.asarray(p, np.float64))) for p in trained))
+    np.testing.assert_allclose(frozen_metrics["param_norm"], by_hand, rtol=1e-5)
