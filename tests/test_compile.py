@@ -155,3 +155,22 @@ def test_matmul_tiling_benchmark_charges_at_least_the_operands(tmp_path):
     for r in rows:
         assert r["bytes_accessed"] >= 0.99 * r["operands_once"] and r["ratio"] == pytest.approx(
             r["bytes_accessed"] / r["operands_once"])
+
+
+def test_scaling_doc_is_generated_from_the_results_json():
+    """docs/scaling.md is benchmarks/scaling.py's markdown of benchmarks/results/scaling_tpu.json, not typed by hand;
+    the recommended row per recipe and slice is the fitting one with the highest estimate."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("scaling", root / "benchmarks" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    rows = json.loads((root / "benchmarks" / "results" / "scaling_tpu.json").read_text())
+    doc = (root / "docs" / "scaling.md").read_text()
+    assert scaling.markdown(rows) == doc
+    table = [line for line in doc.splitlines() if line.startswith("| gpt2_medium")]
+    recommended = [line for line in table if line.endswith("| **yes** |")]
+    ok = [r for r in rows if "error" not in r and r["recipe"] == "gpt2_medium_clm.yaml" and r["fits"]]
+    for topology in {r["topology"] for r in ok}:
+        best = max((r for r in ok if r["topology"] == topology), key=lambda r: r["est_mfu"])
+        [line] = [line for line in recommended if f"| {topology} |" in line]
+        assert f"{100 * best['est_mfu']:.1f}%" in line and best["model"] in line
