@@ -13,6 +13,7 @@ tiles them differently and charges ~1.2x. A compiler estimate, not a measurement
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import sys
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
             ratios = [r["ratio"] for r in rows if r["chip"] == chip and r["product"] == name]
             print(f"{chip:5s} {name:32s} " + " ".join(f"{x:8.2f}" for x in ratios))
     Path(args.out).write_text(json.dumps({"hidden": args.hidden, "mlp": args.mlp, "jax": jax.__version__,
+                                          "libtpu": importlib.metadata.version("libtpu"),
                                           "note": "XLA cost_analysis of each product compiled alone for one chip "
                                                   "of the topology, on a CPU host (libtpu AOT); an estimate",
                                           "rows": rows}, indent=1) + "\n")
