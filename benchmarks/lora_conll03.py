@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import minilm_dir, write_subset  # noqa: E402
+from benchmarks.common import cpu_model, minilm_dir, write_subset  # noqa: E402
 from benchmarks.ner_conll03 import DATA, run_jax, run_torch  # noqa: E402
 
 TARGET_GAP, TARGET_TRAINABLE, TARGET_WALL = 1.5, 0.03, 0.8
@@ -103,18 +103,6 @@ def step_times(args, train_file: str) -> dict:
     out["load_average_at_start"] = round(os.getloadavg()[0], 2)
     out["cpu"] = cpu_model()
     return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name and the vector units that set XLA:CPU's float32 / bf16 matmul speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "unknown")
-    flags = next((x.split(":", 1)[1].split() for x in info.splitlines() if x.startswith("flags")), [])
-    units = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(units) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def summarize(results: list[dict], steps: dict | None, dtype: str) -> dict:
